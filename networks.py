@@ -1,0 +1,99 @@
+"""The ML-VAE networks for 28x28 images: encoder with style and class heads, decoder, latent classifier.
+
+Architecture and state_dict keys are the reference implementation's, so its published weights load
+strict: `Encoder(10, 10).load_state_dict(torch.load(path, weights_only=True))`.
+
+    encoder: x(784) -> Linear 500 -> tanh -> {style_mu, style_logvar, class_mu, class_logvar} (Linear 500 -> dim)
+    decoder: cat(style, class) -> Linear 500 -> tanh -> Linear 784 -> sigmoid
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PIXELS = 28 * 28
+HIDDEN = 500
+LIKELIHOODS = ("mse", "bernoulli", "gaussian")
+# The learned per-pixel log-variance of the gaussian likelihood is squashed into [-BOUND, BOUND].
+PIXEL_LOGVAR_BOUND = 5.0
+
+
+def init_reference_(module: nn.Module) -> None:
+    """The reference's initialisation: every Linear weight N(0, 0.05), every bias 0."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, 0.0, 0.05)
+            nn.init.zeros_(layer.bias)
+
+
+class Encoder(nn.Module):
+    """q(style | x) and q(class | x): diagonal Gaussians given by their means and log-variances."""
+
+    def __init__(self, style_dim: int, class_dim: int) -> None:
+        super().__init__()
+        self.linear_model = nn.ModuleDict({"linear_1": nn.Linear(PIXELS, HIDDEN)})
+        self.style_mu = nn.Linear(HIDDEN, style_dim)
+        self.style_logvar = nn.Linear(HIDDEN, style_dim)
+        self.class_mu = nn.Linear(HIDDEN, class_dim)
+        self.class_logvar = nn.Linear(HIDDEN, class_dim)
+        init_reference_(self)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (style_mu, style_logvar, class_mu, class_logvar), each [B, dim]."""
+        hidden = torch.tanh(self.linear_model["linear_1"](x.reshape(x.shape[0], PIXELS)))
+        heads = (self.style_mu, self.style_logvar, self.class_mu, self.class_logvar)
+        # One matmul for the four heads is faster than four small ones; the state_dict keeps
+        # the reference's four Linear layers.
+        weight = torch.cat([head.weight for head in heads])
+        bias = torch.cat([head.bias for head in heads])
+        sizes = [head.out_features for head in heads]
+        return tuple(F.linear(hidden, weight, bias).split(sizes, dim=1))
+
+
+class Decoder(nn.Module):
+    """p(x | style, class): per-pixel means in [0, 1], plus a bounded log-variance for `gaussian`."""
+
+    def __init__(self, style_dim: int, class_dim: int, likelihood: str = "mse") -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}")
+        self.likelihood = likelihood
+        self.linear_model = nn.ModuleDict({
+            "linear_1": nn.Linear(style_dim + class_dim, HIDDEN),
+            "linear_2": nn.Linear(HIDDEN, PIXELS),
+        })
+        # An extra head, so the reference's keys stay untouched for the other likelihoods.
+        self.pixel_logvar = nn.Linear(HIDDEN, PIXELS) if likelihood == "gaussian" else None
+        init_reference_(self)
+
+    def hidden(self, style: torch.Tensor, class_: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear_model["linear_1"](torch.cat([style, class_], dim=1)))
+
+    def logits(self, style: torch.Tensor, class_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pre-sigmoid pixel means [B, 784] and, for `gaussian`, the pixel log-variances [B, 784]."""
+        hidden = self.hidden(style, class_)
+        logvar = None
+        if self.pixel_logvar is not None:
+            logvar = PIXEL_LOGVAR_BOUND * torch.tanh(self.pixel_logvar(hidden) / PIXEL_LOGVAR_BOUND)
+        return self.linear_model["linear_2"](hidden), logvar
+
+    def forward(self, style: torch.Tensor, class_: torch.Tensor) -> torch.Tensor:
+        """Return images [B, 1, 28, 28] in [0, 1]."""
+        logits, _ = self.logits(style, class_)
+        return torch.sigmoid(logits).view(-1, 1, 28, 28)
+
+
+class Classifier(nn.Module):
+    """The reference's latent-space classifier: z -> 256 -> BN -> LeakyReLU(0.2), twice -> logits."""
+
+    def __init__(self, z_dim: int, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc_model = nn.Sequential(
+            nn.Linear(z_dim, 256), nn.BatchNorm1d(256), nn.LeakyReLU(0.2, inplace=True),
+            nn.Linear(256, 256), nn.BatchNorm1d(256), nn.LeakyReLU(0.2, inplace=True),
+            nn.Linear(256, num_classes),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc_model(z)
