@@ -15,8 +15,9 @@ scalars under runs/<run-name>. `--resume` continues a stopped run; Ctrl-C saves 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
+import io
+import json
 import math
 import signal
 import sys
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 import data_loader
 from networks import LIKELIHOODS, PIXELS, Decoder, Encoder
-from utils import (accumulate_group_evidence, atomic_save, class_kl_divergence, group_wise_reparameterize,
+from utils import (accumulate_group_evidence, atomic_save, write_text_atomic, class_kl_divergence, group_wise_reparameterize,
                    kl_divergence, pick_device, reconstruction_loss, reparameterize)
 
 LOG_FIELDS = ("epoch", "iteration", "reconstruction", "style_kl", "class_kl", "images_per_s")
@@ -186,12 +187,11 @@ def read_log(path: Path, up_to_epoch: int) -> list[dict]:
 
 
 def write_log(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=LOG_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def save_run(args: argparse.Namespace, encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Optimizer,
@@ -203,6 +203,7 @@ def save_run(args: argparse.Namespace, encoder: Encoder, decoder: Decoder, optim
     atomic_save(decoder.state_dict(), args.run_dir / "decoder.pt")
     atomic_save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                  "args": saved_args, **position}, args.run_dir / "training_state.pt")
+    write_text_atomic(args.run_dir / "args.json", json.dumps(saved_args, indent=1, sort_keys=True) + "\n")
 
 
 class StopRequest:

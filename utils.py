@@ -117,6 +117,15 @@ def atomic_save(obj: object, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' means CUDA when present, else the CPU."""
     if name == "auto":

@@ -1,0 +1,72 @@
+"""Data: the shipped MNIST loads as tensors; broken files give one clear error."""
+import gzip
+import shutil
+
+import pytest
+import torch
+
+import data_loader
+from conftest import ROOT
+
+DATA = ROOT / "data"
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.mark.parametrize("split,counts", [("train", TRAIN_COUNTS), ("test", TEST_COUNTS)])
+def test_mnist_loads_with_the_right_shapes_and_label_counts(split, counts):
+    images, labels = data_loader.load_split(DATA, split)
+    assert images.shape == (sum(counts), 1, 28, 28) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.bincount().tolist() == counts
+    assert images.min() == 0 and images.max() == 1
+
+
+def copy_mnist(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    shutil.copytree(DATA / "MNIST" / "raw", raw)
+    for path in raw.iterdir():
+        path.chmod(0o644)
+    return raw
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    raw = copy_mnist(tmp_path)
+    (raw / "SHA256SUMS").unlink()  # so that the size check, not the hash, catches it
+    path = raw / "t10k-images-idx3-ubyte.gz"
+    data = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(data[:-1000]))
+    with pytest.raises(data_loader.DatasetFileError, match="t10k-images-idx3-ubyte.gz.*truncated"):
+        data_loader.load_split(tmp_path, "test")
+
+
+def test_corrupt_file_fails_its_checksum(tmp_path):
+    raw = copy_mnist(tmp_path)
+    path = raw / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(data_loader.DatasetFileError, match="t10k-labels-idx1-ubyte.gz.*SHA256.*To fix it"):
+        data_loader.load_split(tmp_path, "test")
+
+
+def test_garbage_file_gives_the_clear_error(tmp_path):
+    raw = copy_mnist(tmp_path)
+    (raw / "SHA256SUMS").unlink()
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not a gzip file at all")
+    with pytest.raises(data_loader.DatasetFileError, match="t10k-labels-idx1-ubyte.gz.*decompressed"):
+        data_loader.load_split(tmp_path, "test")
+
+
+def test_missing_file_says_how_to_fix_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_loader, "_download_with_torchvision", lambda *a: None)
+    with pytest.raises(data_loader.DatasetFileError, match="missing.*git checkout"):
+        data_loader.load_split(tmp_path, "train")
+
+
+def test_uncompressed_files_load_too(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / stem).write_bytes(gzip.decompress((DATA / "MNIST" / "raw" / f"{stem}.gz").read_bytes()))
+    images, labels = data_loader.load_split(tmp_path, "test")
+    assert images.shape == (10000, 1, 28, 28) and labels.bincount().tolist() == TEST_COUNTS
