@@ -97,3 +97,19 @@ class Classifier(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.fc_model(z)
+
+
+class PixelClassifier(nn.Module):
+    """A small CNN on 28x28 images, used to judge what digit (or garment) a generated image shows."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, 128),
+                                  nn.ReLU(inplace=True), nn.Dropout(0.25), nn.Linear(128, num_classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images.reshape(-1, 1, 28, 28)))

@@ -36,7 +36,7 @@ LOG_FIELDS = ("epoch", "iteration", "reconstruction", "style_kl", "class_kl", "i
 # Settings that define the model and its objective: a resumed run must keep them.
 RUN_SETTINGS = ("dataset", "style_dim", "class_dim", "likelihood", "eps_std", "detach_class_posterior",
                 "class_kl_per_sample", "reconstruction_coef", "kl_coef", "batch_size", "lr", "beta1",
-                "beta2", "num_train", "seed", "precision")
+                "beta2", "num_train", "classes", "seed", "precision")
 PROGRESS_EVERY = 25  # steps between progress-bar updates and NaN checks (each one syncs the device)
 
 
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", choices=sorted(data_loader.DATASETS), default="mnist", help="training data")
     add("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
     add("--num-train", type=int, default=None, help="use only the first N training images (default: all)")
+    add("--classes", type=int, nargs="+", default=None,
+        help="train only on images of these labels, e.g. 0 1 2 3 4 5 6 7 to hold digits 8 and 9 out")
     add("--seed", type=int, default=0, help="seed of the weights, the batch order and the noise")
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     add("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 runs the networks under autocast")
@@ -91,6 +93,8 @@ def default_run_name(args: argparse.Namespace) -> str:
         name += f"_{args.likelihood}"
     if args.dataset != "mnist":
         name += f"_{args.dataset}"
+    if args.classes is not None:
+        name += "_classes" + "".join(map(str, sorted(args.classes)))
     return name
 
 
@@ -230,6 +234,9 @@ def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     images, labels = data_loader.load_split(args.data_dir, "train", args.dataset, device=device)
+    if args.classes is not None:
+        keep = torch.isin(labels, torch.tensor(args.classes, device=device))
+        images, labels = images[keep], labels[keep]
     if args.num_train is not None:
         images, labels = images[: args.num_train], labels[: args.num_train]
     images = images.reshape(len(images), PIXELS)

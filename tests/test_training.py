@@ -135,3 +135,17 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--epochs", "1", "--run-name", "r")
     assert "--resume" in capsys.readouterr().err
+
+
+def test_classes_flag_trains_only_on_those_labels(tmp_path, monkeypatch):
+    seen = []
+    original_step = training.train_step
+
+    def recording_step(encoder, decoder, optimizer, x, groups, *rest):
+        seen.append(groups.unique())
+        return original_step(encoder, decoder, optimizer, x, groups, *rest)
+
+    monkeypatch.setattr(training, "train_step", recording_step)
+    run_dir = run(tmp_path, "--epochs", "1", "--classes", "0", "1", "7")
+    assert run_dir.name == "mlvae_eps0.1_classes017"
+    assert set(torch.cat(seen).tolist()) == {0, 1, 7}
