@@ -2,14 +2,23 @@
 
 Group evidence accumulation, the grouped and per-sample reparameterizations, the KL to N(0, I) and the
 reconstruction losses. Nothing here owns state: devices and random generators are passed in.
+Also the loading of a trained model shared by the evaluation scripts (`add_model_arguments`,
+`load_models`) and the one-pass encoding of a split (`encode`).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from data_loader import DATASETS
+from networks import LIKELIHOODS, Decoder, Encoder
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -131,3 +140,178 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+# ---- Loading a trained model, shared by the evaluation scripts ----------------------------------
+
+MODEL_DEFAULTS = {"style_dim": 10, "class_dim": 10, "eps_std": 0.1, "likelihood": "mse", "dataset": "mnist"}
+DEFAULT_RUN = "checkpoints/mlvae_eps0.1"
+
+
+class ModelLoadError(RuntimeError):
+    """A model file is missing, unreadable or of other shapes; the message names the file and the fix."""
+
+
+@dataclass
+class ModelSettings:
+    """What an evaluation needs to know about a trained model, resolved from flags and args.json."""
+
+    style_dim: int
+    class_dim: int
+    eps_std: float
+    likelihood: str
+    dataset: str
+    encoder_path: Path
+    decoder_path: Path
+
+    @property
+    def name(self) -> str:
+        """A short name for output files: the run folder's name, or the encoder file's name."""
+        return self.encoder_path.parent.name if self.encoder_path.name == "encoder.pt" else self.encoder_path.stem
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that choose a trained model, the data it is evaluated on and the device.
+
+    The model settings default to None so that `load_models` can tell a flag the user gave apart
+    from one to take from the run's args.json (and, failing that, from MODEL_DEFAULTS).
+    """
+    add = parser.add_argument
+    add("--checkpoint-dir", default=DEFAULT_RUN, help="run folder holding encoder.pt, decoder.pt and args.json")
+    add("--encoder", default=None, help="encoder state_dict (any file name; default: <checkpoint-dir>/encoder.pt)")
+    add("--decoder", default=None, help="decoder state_dict (any file name; default: <checkpoint-dir>/decoder.pt)")
+    add("--style-dim", type=int, default=None,
+        help=f"style dimension (default: from args.json beside the encoder, else {MODEL_DEFAULTS['style_dim']})")
+    add("--class-dim", type=int, default=None,
+        help=f"class dimension (default: from args.json, else {MODEL_DEFAULTS['class_dim']})")
+    add("--eps-std", type=float, default=None,
+        help=f"std of the per-group noise the model was trained with (default: from args.json, "
+             f"else {MODEL_DEFAULTS['eps_std']}); pass it for weights without args.json")
+    add("--likelihood", choices=LIKELIHOODS, default=None,
+        help=f"the decoder's likelihood (default: from args.json, else {MODEL_DEFAULTS['likelihood']})")
+    add("--dataset", choices=sorted(DATASETS), default=None,
+        help=f"evaluation data (default: the model's training data from args.json, else {MODEL_DEFAULTS['dataset']})")
+    add("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
+    add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+
+
+def resolve_settings(args: argparse.Namespace) -> ModelSettings:
+    """Each setting from its flag when given, else from args.json beside the encoder, else the default."""
+    encoder_path = Path(args.encoder or Path(args.checkpoint_dir) / "encoder.pt")
+    decoder_path = Path(args.decoder or Path(args.checkpoint_dir) / "decoder.pt")
+    saved_path = encoder_path.parent / "args.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    values = {}
+    for key, default in MODEL_DEFAULTS.items():
+        given = getattr(args, key)
+        values[key] = given if given is not None else saved.get(key, default)
+    return ModelSettings(**values, encoder_path=encoder_path, decoder_path=decoder_path)
+
+
+def _load_state_dict(module: torch.nn.Module, path: Path, device: torch.device, expected: str,
+                     held: Callable[[dict], str]) -> None:
+    """load_state_dict(strict) from `path`, with every failure turned into a ModelLoadError."""
+    if not path.is_file():
+        raise ModelLoadError(f"no weights at {path}; train a model with `python training.py`, or point "
+                             "--checkpoint-dir at a run folder (or --encoder/--decoder at the files)")
+    try:
+        state = torch.load(path, weights_only=True, map_location=device)
+    except Exception as error:  # pickle, zip and torch errors all mean the same thing here
+        raise ModelLoadError(f"{path} cannot be read as a state_dict ({error})") from error
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelLoadError(f"{path} does not fit the expected {expected}: {held(state)}; pass the "
+                             "model's --style-dim/--class-dim/--likelihood") from error
+
+
+def load_models(args: argparse.Namespace, device: torch.device) -> tuple[Encoder, Decoder, ModelSettings]:
+    """Build the encoder and decoder the flags describe and load their weights (strict, weights_only).
+
+    Returns (encoder, decoder, settings), both networks in eval mode on `device`. Raises
+    ModelLoadError with a message naming the file for missing, unreadable or mismatched weights.
+    """
+    settings = resolve_settings(args)
+    dims = f"--style-dim {settings.style_dim} --class-dim {settings.class_dim}"
+
+    def encoder_holds(state: dict) -> str:
+        if "style_mu.weight" in state and "class_mu.weight" in state:
+            return (f"the file holds style dim {state['style_mu.weight'].shape[0]}, "
+                    f"class dim {state['class_mu.weight'].shape[0]}")
+        return f"the file holds the keys {sorted(state)[:4]}..."
+
+    def decoder_holds(state: dict) -> str:
+        first = state.get("linear_model.linear_1.weight")
+        inputs = f"style + class dim {first.shape[1]}" if first is not None else f"keys {sorted(state)[:4]}..."
+        kind = "gaussian" if "pixel_logvar.weight" in state else "mse or bernoulli"
+        return f"the file holds {inputs}, a {kind} likelihood head"
+
+    encoder = Encoder(settings.style_dim, settings.class_dim).to(device)
+    _load_state_dict(encoder, settings.encoder_path, device, f"encoder with {dims}", encoder_holds)
+    decoder = Decoder(settings.style_dim, settings.class_dim, settings.likelihood).to(device)
+    _load_state_dict(decoder, settings.decoder_path, device,
+                     f"decoder with {dims} --likelihood {settings.likelihood}", decoder_holds)
+    return encoder.eval(), decoder.eval(), settings
+
+
+def device_and_models(parser: argparse.ArgumentParser,
+                      args: argparse.Namespace) -> tuple[torch.device, Encoder, Decoder, ModelSettings]:
+    """The device and the trained model that the flags of `add_model_arguments` name; every problem
+    (bad device, missing or mismatched weights) ends in an argparse-style error."""
+    try:
+        device = pick_device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {device}: only cpu and cuda are supported")
+    try:
+        encoder, decoder, settings = load_models(args, device)
+    except ModelLoadError as error:
+        parser.error(str(error))
+    return device, encoder, decoder, settings
+
+
+@torch.no_grad()
+def encode(encoder: torch.nn.Module, images: torch.Tensor,
+           chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the encoder once over a whole split in chunks: (style_mu, style_logvar, class_mu, class_logvar)."""
+    parts = [encoder(batch) for batch in images.split(chunk)]
+    return tuple(torch.cat(column) for column in zip(*parts))
+
+
+def batch_groups(labels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Group ids for rows laid out as consecutive batches: one group per (batch, label).
+
+    Evidence accumulated with these ids over a whole split equals accumulating batch by batch, grouped
+    by label, which is how the reference forms groups, without a Python loop over batches.
+    """
+    batch = torch.arange(len(labels), device=labels.device) // batch_size
+    return batch * (int(labels.max()) + 1) + labels
+
+
+def draw_evidence_sets(labels: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """[N, k] indices: column 0 is each query itself, the rest k-1 distinct other images of its label."""
+    members = torch.empty(len(labels), k, dtype=torch.long)
+    for label in labels.unique():
+        index = (labels == label).nonzero().squeeze(1).cpu()
+        n = len(index)
+        if k > n:
+            raise ValueError(f"K={k} exceeds the {n} test images of label {int(label)}")
+        scores = torch.rand(n, n, generator=generator)
+        scores.fill_diagonal_(2.0)  # the query itself sorts last, so it is never drawn as "other"
+        others = scores.argsort(dim=1)[:, : k - 1]
+        members[index] = index[torch.cat([torch.arange(n).unsqueeze(1), others], dim=1)]
+    return members.to(labels.device)
+
+
+def fused_means(mu: torch.Tensor, logvar: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """Posterior mean [N, D] of the product of Gaussians over each row of `members` [N, K]."""
+    n, k = members.shape
+    groups = torch.arange(n, device=mu.device).repeat_interleave(k)
+    flat = members.reshape(-1)
+    group_mu, _ = accumulate_group_evidence(mu[flat], logvar[flat], groups)
+    return group_mu.view(n, k, -1)[:, 0]

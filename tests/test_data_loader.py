@@ -70,3 +70,20 @@ def test_uncompressed_files_load_too(tmp_path):
         (raw / stem).write_bytes(gzip.decompress((DATA / "MNIST" / "raw" / f"{stem}.gz").read_bytes()))
     images, labels = data_loader.load_split(tmp_path, "test")
     assert images.shape == (10000, 1, 28, 28) and labels.bincount().tolist() == TEST_COUNTS
+
+
+FASHION = data_loader.DATASETS["fashion-mnist"][1]
+
+
+@pytest.mark.skipif(not (FASHION / "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian's dataset-fashion-mnist package is not installed")
+def test_fashion_mnist_loads_from_the_debian_package(tmp_path):
+    images, labels = data_loader.load_split(tmp_path, "test", "fashion-mnist")
+    assert images.shape == (10000, 1, 28, 28) and labels.bincount().tolist() == [1000] * 10
+
+
+def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_loader, "DATASETS", {"fashion-mnist": ("FashionMNIST", tmp_path / "nowhere")})
+    monkeypatch.setattr(data_loader, "_download_with_torchvision", lambda *a: None)
+    with pytest.raises(data_loader.DatasetFileError, match="apt-get install -y dataset-fashion-mnist"):
+        data_loader.load_split(tmp_path, "test", "fashion-mnist")

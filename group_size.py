@@ -1,0 +1,127 @@
+"""Class-code accuracy on the test split as a function of the number K of images whose evidence is fused.
+
+For every test image (the query), K-1 OTHER test images of its digit are drawn at random; the class
+posteriors of the query and those K-1 images are fused by group evidence accumulation, and the fused
+posterior mean is classified. K = 1 is the query alone. Three probes, all trained once on the
+single-image class posterior means of MNIST train: logistic regression, 5-nearest neighbours and the
+reference's MLP. Nothing here groups a test batch by label, so no probe can read the label off the
+batch layout.
+
+    python group_size.py --json images/group_size_mlvae_eps0.1.json
+    python group_size.py --encoder ../shared/reference/checkpoints/encoder_0.1_var_reparam \
+        --decoder ../shared/reference/checkpoints/decoder_0.1_var_reparam --eps-std 0.1 \
+        --json images/group_size_reference_eps0.1.json \
+        --compare images/group_size_mlvae_eps0.1.json --out images/group_size.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+
+import data_loader
+from networks import Classifier
+from utils import (ModelLoadError, add_model_arguments, draw_evidence_sets, encode, fused_means, load_models,
+                   pick_device)
+
+GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=list(GROUP_SIZES), help="values of K")
+    parser.add_argument("--mlp-steps", type=int, default=3000, help="training steps of the MLP probe")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the evidence draws and the MLP probe")
+    parser.add_argument("--label", default=None, help="name of this model in the figure (default: its path)")
+    parser.add_argument("--json", default=None, help="write the accuracies here")
+    parser.add_argument("--compare", nargs="*", default=[], help="JSON files of other models to draw too")
+    parser.add_argument("--out", default=None, help="PNG of the accuracy-versus-K curves")
+    return parser
+
+
+def train_mlp_probe(z: torch.Tensor, labels: torch.Tensor, steps: int, seed: int) -> Classifier:
+    """The reference's latent classifier, trained with Adam lr 1e-4 on batches of 128 posterior means."""
+    torch.manual_seed(seed)
+    model = Classifier(z.shape[1], int(labels.max()) + 1).to(z.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    generator = torch.Generator(device=z.device).manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        index = torch.randint(len(z), (128,), generator=generator, device=z.device)
+        loss = F.cross_entropy(model(z[index]), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    try:
+        encoder, _, settings = load_models(args, device)
+    except ModelLoadError as error:
+        parser.error(str(error))
+    train_x, train_y = data_loader.load_split(args.data_dir, "train", settings.dataset, device)
+    test_x, test_y = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
+    train_mu = encode(encoder, train_x)[2]
+    _, _, test_mu, test_logvar = encode(encoder, test_x)
+    probes = {
+        "logistic": LogisticRegression(max_iter=1000).fit(train_mu.cpu().numpy(), train_y.cpu().numpy()),
+        "knn": KNeighborsClassifier(n_neighbors=5).fit(train_mu.cpu().numpy(), train_y.cpu().numpy()),
+    }
+    mlp = train_mlp_probe(train_mu, train_y, args.mlp_steps, args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    results = {"label": args.label or str(settings.encoder_path), "group_sizes": args.group_sizes,
+               "logistic": [], "knn": [], "mlp": []}
+    for k in args.group_sizes:
+        members = draw_evidence_sets(test_y, k, generator)
+        z = fused_means(test_mu, test_logvar, members)
+        for name, probe in probes.items():
+            results[name].append(100.0 * probe.score(z.cpu().numpy(), test_y.cpu().numpy()))
+        with torch.no_grad():
+            results["mlp"].append(100.0 * (mlp(z).argmax(1) == test_y).float().mean().item())
+        print(f"K={k:4d}  " + "  ".join(f"{name} {results[name][-1]:6.2f}" for name in ("logistic", "knn", "mlp")),
+              flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    if args.out:
+        plot_curves([results] + [json.loads(Path(p).read_text()) for p in args.compare], args.out)
+        print(f"wrote {args.out}")
+    return results
+
+
+def plot_curves(all_results: list[dict], out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    styles = {"mlp": "-", "logistic": "--", "knn": ":"}
+    for color, results in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], all_results):
+        for name, style in styles.items():
+            ax.plot(results["group_sizes"], results[name], style, marker="o", ms=3, color=color,
+                    label=f"{results['label']} ({name})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K: test images whose class evidence is fused (the query + K-1 others of its digit)")
+    ax.set_ylabel("class-code test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

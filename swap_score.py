@@ -1,0 +1,104 @@
+"""Swap score: does a generation follow its class source and ignore its style source?
+
+For `--num-styles` test images (style sources) and each of the ten labels, a class source is drawn at
+random among the test images of that label; the decoder renders the style source's style with the
+class source's code (posterior means), and a pixel-space CNN (pixel_classifier.py) labels the result.
+
+- content transfer: share of generations labelled as their class source's label (chance: 10%);
+- style leak: share labelled as their style source's label, over pairs whose labels differ;
+- ceiling: the CNN's accuracy on plain reconstructions (style and class code of the same image).
+
+"with evidence" replaces a class source's code by the posterior fused over it and `--evidence-size`-1
+other test images of its label.
+
+    python swap_score.py --json images/swap_score_mlvae_eps0.1.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import data_loader
+from pixel_classifier import load_pixel_classifier, predict
+from utils import (ModelLoadError, add_model_arguments, draw_evidence_sets, encode, fused_means, load_models,
+                   pick_device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--pixel-classifier", default=None,
+                        help="CNN weights (default: checkpoints/pixel_classifier_<dataset>.pt)")
+    parser.add_argument("--num-styles", type=int, default=1000, help="test images used as style sources")
+    parser.add_argument("--evidence-size", type=int, default=25,
+                        help="images fused per class code with evidence (a batch of 256 holds ~25 per digit)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the source draws")
+    parser.add_argument("--json", default=None, help="write the scores here")
+    return parser
+
+
+@torch.no_grad()
+def swap_scores(encoder: torch.nn.Module, decoder: torch.nn.Module, classifier: torch.nn.Module,
+                images: torch.Tensor, labels: torch.Tensor, num_styles: int, evidence_size: int,
+                generator: torch.Generator) -> dict:
+    """Content transfer, style leak and reconstruction ceiling (percent), without and with evidence."""
+    style_mu, _, class_mu, class_logvar = encode(encoder, images)
+    classes = labels.unique()
+    styles = torch.randperm(len(images), generator=generator)[:num_styles].to(images.device)
+    # For every (style source, label): a random test image of that label as the class source.
+    sources = torch.stack([
+        (labels == c).nonzero().squeeze(1)[
+            torch.randint(int((labels == c).sum()), (len(styles),), generator=generator).to(images.device)]
+        for c in classes], dim=1)  # [S, C]
+    codes = {"no_evidence": class_mu,
+             "with_evidence": fused_means(class_mu, class_logvar,
+                                          draw_evidence_sets(labels, evidence_size, generator))}
+    style_labels = labels[styles].unsqueeze(1)
+    differ = style_labels != classes.unsqueeze(0)
+    results = {}
+    for name, code in codes.items():
+        generated = decoder(style_mu[styles].repeat_interleave(len(classes), 0), code[sources.reshape(-1)])
+        predicted = predict(classifier, generated).view(len(styles), len(classes))
+        reconstructed = predict(classifier, decoder(style_mu[styles], code[styles]))
+        results[name] = {
+            "content_transfer": 100.0 * (predicted == classes.unsqueeze(0)).float().mean().item(),
+            "style_leak": 100.0 * (predicted == style_labels)[differ].float().mean().item(),
+            "reconstruction_ceiling": 100.0 * (reconstructed == labels[styles]).float().mean().item(),
+        }
+    results["classifier_on_real_images"] = 100.0 * (predict(classifier, images[styles]) == labels[styles]).float().mean().item()
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    try:
+        encoder, decoder, settings = load_models(args, device)
+        classifier = load_pixel_classifier(
+            args.pixel_classifier or f"checkpoints/pixel_classifier_{settings.dataset}.pt", device)
+    except (ModelLoadError, FileNotFoundError) as error:
+        parser.error(str(error))
+    images, labels = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
+    results = swap_scores(encoder, decoder, classifier, images, labels, args.num_styles, args.evidence_size,
+                          torch.Generator().manual_seed(args.seed))
+    print(f"model {settings.encoder_path.parent}; pixel classifier on the real style images: "
+          f"{results['classifier_on_real_images']:.2f}%")
+    print("| class code | content transfer | style leak | reconstruction ceiling |")
+    print("| --- | --- | --- | --- |")
+    for name in ("no_evidence", "with_evidence"):
+        r = results[name]
+        print(f"| {name.replace('_', ' ')} | {r['content_transfer']:.2f} | {r['style_leak']:.2f} | "
+              f"{r['reconstruction_ceiling']:.2f} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
