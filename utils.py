@@ -24,13 +24,17 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 def group_index(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map arbitrary integer group ids [B] to (compact ids in [0, G) [B], group sizes [G])."""
+    """Map arbitrary integer group ids [B] to (compact ids in [0, G) [B], group sizes [G]).
+
+    The grouped functions below take its result as `index=`, so a training step runs torch.unique once.
+    """
     _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
     return inverse, counts
 
 
-def accumulate_group_evidence(class_mu: torch.Tensor, class_logvar: torch.Tensor,
-                              groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def accumulate_group_evidence(class_mu: torch.Tensor, class_logvar: torch.Tensor, groups: torch.Tensor,
+                              index: tuple[torch.Tensor, torch.Tensor] | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fuse the class posteriors of each group into one Gaussian (a product of Gaussians, paper eq. 7).
 
     For a group g with members i: precision_g = sum_i exp(-logvar_i) and
@@ -40,12 +44,12 @@ def accumulate_group_evidence(class_mu: torch.Tensor, class_logvar: torch.Tensor
     The precisions are computed relative to the largest one in each group (a log-sum-exp), so the
     result stays finite for any log-variance; the shift is exact and carries no gradient.
     """
-    inverse, counts = group_index(groups)
+    inverse, counts = group_index(groups) if index is None else index
     num_groups, dim = counts.numel(), class_mu.shape[1]
     log_precision = -class_logvar
-    index = inverse.unsqueeze(1).expand(-1, dim)
+    rows = inverse.unsqueeze(1).expand(-1, dim)
     shift = torch.full((num_groups, dim), -math.inf, dtype=class_mu.dtype, device=class_mu.device)
-    shift = shift.scatter_reduce(0, index, log_precision.detach(), reduce="amax", include_self=True)
+    shift = shift.scatter_reduce(0, rows, log_precision.detach(), reduce="amax", include_self=True)
     weight = torch.exp(log_precision - shift[inverse])
     precision = torch.zeros_like(shift).index_add(0, inverse, weight)
     weighted_mu = torch.zeros_like(shift).index_add(0, inverse, weight * class_mu)
@@ -65,7 +69,8 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, training: bool = True
 
 def group_wise_reparameterize(mu: torch.Tensor, logvar: torch.Tensor, groups: torch.Tensor,
                               eps_std: float, training: bool = True,
-                              generator: torch.Generator | None = None) -> torch.Tensor:
+                              generator: torch.Generator | None = None,
+                              index: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """z_i = mu_i + std_i * eps_g(i) with one eps_g ~ N(0, eps_std^2 I) per group, shared by its members.
 
     eps_std = 1 is the textbook sample; the reference found the decoder ignores the class code unless
@@ -73,7 +78,7 @@ def group_wise_reparameterize(mu: torch.Tensor, logvar: torch.Tensor, groups: to
     """
     if not training:
         return mu
-    inverse, counts = group_index(groups)
+    inverse, counts = group_index(groups) if index is None else index
     eps = torch.randn((counts.numel(), mu.shape[1]), generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + eps_std * eps[inverse] * torch.exp(0.5 * logvar)
 
@@ -85,7 +90,8 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def class_kl_divergence(group_mu: torch.Tensor, group_logvar: torch.Tensor, groups: torch.Tensor,
-                        per_sample: bool = False) -> torch.Tensor:
+                        per_sample: bool = False,
+                        index: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Summed KL of the accumulated class posteriors, given as per-sample rows [B, D].
 
     The paper counts it once per group (each row weighted by 1/group size); the reference counts it
@@ -94,7 +100,7 @@ def class_kl_divergence(group_mu: torch.Tensor, group_logvar: torch.Tensor, grou
     kl = kl_divergence(group_mu, group_logvar)
     if per_sample:
         return kl.sum()
-    inverse, counts = group_index(groups)
+    inverse, counts = group_index(groups) if index is None else index
     return (kl / counts[inverse].to(kl.dtype)).sum()
 
 

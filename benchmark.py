@@ -1,0 +1,324 @@
+"""Time the ML-VAE training step against this machine's FLOP bound and against a per-sample-loop baseline.
+
+The step timed is `training.train_step` itself, on MNIST batches indexed from a permutation as
+`training.py` does. In the same run the script measures the machine's matmul throughput at the
+network's own GEMM shapes (fp32 and bf16), turns an explicit count of the forward and backward FLOPs
+into the fastest a step could be, and times a baseline that accumulates group evidence and draws the
+grouped noise the way the reference does: Python loops over the samples with per-group dicts.
+
+    python benchmark.py --json benchmark.json               # the full table, CPU (and CUDA when present)
+    python benchmark.py --precision bf16 --compile          # also time torch.compile'd steps
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+import data_loader
+import training
+from networks import HIDDEN, PIXELS, Decoder, Encoder
+
+MNIST_TRAIN = 60000
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--batch-size", type=int, default=256, help="images per training step")
+    add("--steps", type=int, default=200, help="timed training steps per configuration")
+    add("--warmup", type=int, default=20, help="untimed steps first (allocator, oneDNN and autotuning caches)")
+    add("--repeats", type=int, default=5,
+        help="the timed steps are cut into this many runs and the fastest is kept, as timeit does")
+    add("--baseline-steps", type=int, default=20, help="timed steps of the slow loop baseline")
+    add("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+        help="precisions of our step to time (bf16 = autocast, as training.py --precision bf16)")
+    add("--compile", action="store_true", help="also time each precision with training.py --compile")
+    add("--device", default="all", help="all (the CPU, plus CUDA when present), cpu, cuda or cuda:N")
+    add("--threads", type=int, default=None, help="CPU threads (default: torch's choice, one per core)")
+    add("--data-dir", default="data", help="folder holding MNIST/raw/ IDX files")
+    add("--json", type=Path, default=None, help="also write the results here")
+    return parser
+
+
+# ---- the network's FLOPs -------------------------------------------------------------------------
+
+def linear_layers(style_dim: int, class_dim: int) -> list[tuple[str, int, int, bool]]:
+    """(name, in, out, needs its input's gradient) for every Linear of one training step, in order.
+
+    The encoder's four heads run as one matmul (networks.Encoder.forward), so they count as one layer.
+    The pixels are the only input that needs no gradient.
+    """
+    latent = style_dim + class_dim
+    return [("encoder.linear_1", PIXELS, HIDDEN, False),
+            ("encoder.heads", HIDDEN, 2 * latent, True),
+            ("decoder.linear_1", latent, HIDDEN, True),
+            ("decoder.linear_2", HIDDEN, PIXELS, True)]
+
+
+def step_gemms(batch: int, style_dim: int, class_dim: int) -> list[tuple[str, int, int, int, bool]]:
+    """Every matmul of a forward+backward step as (name, m, k, n, first operand transposed).
+
+    For y = x W^T with x [B, in]: forward x @ W^T (m=B, k=in, n=out); input gradient dy @ W
+    (m=B, k=out, n=in); weight gradient dy^T @ x (m=out, k=B, n=in), read through a transposed view as
+    autograd does. Biases, activations and the loss are O(B * width) and left out of the bound.
+    """
+    gemms = []
+    for name, fan_in, fan_out, input_grad in linear_layers(style_dim, class_dim):
+        gemms.append((f"{name} forward", batch, fan_in, fan_out, False))
+        if input_grad:
+            gemms.append((f"{name} grad input", batch, fan_out, fan_in, False))
+        gemms.append((f"{name} grad weight", fan_out, batch, fan_in, True))
+    return gemms
+
+
+def step_flops(batch: int, style_dim: int, class_dim: int) -> int:
+    """Multiply-adds x 2 of one training step's matmuls (forward and backward)."""
+    return sum(2 * m * k * n for _, m, k, n, _ in step_gemms(batch, style_dim, class_dim))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, device: torch.device, calls: int, repeats: int) -> float:
+    """Seconds per call of `fn`: the fastest of `repeats` runs of `calls` calls each."""
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def gemm_bound(batch: int, style_dim: int, class_dim: int, dtype: torch.dtype, device: torch.device,
+               repeats: int) -> dict:
+    """Time each of the step's matmuls alone at its own shape and dtype; their sum is the step's bound."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    seconds = 0.0
+    for _, m, k, n, transposed in step_gemms(batch, style_dim, class_dim):
+        a = torch.randn((k, m) if transposed else (m, k), generator=generator, device=device).to(dtype)
+        a = a.t() if transposed else a
+        b = torch.randn(k, n, generator=generator, device=device).to(dtype)
+        out = torch.empty(m, n, device=device, dtype=dtype)
+        torch.mm(a, b, out=out)  # warm-up: oneDNN picks and caches its kernel on the first call
+        seconds += best_time(lambda: torch.mm(a, b, out=out), device, calls=20, repeats=repeats)
+    flops = step_flops(batch, style_dim, class_dim)
+    return {"dtype": str(dtype).removeprefix("torch."), "device": str(device), "step_flops": flops,
+            "bound_ms": 1e3 * seconds, "gflops": flops / seconds / 1e9}
+
+
+# ---- the reference-style loop baseline -----------------------------------------------------------
+
+def loop_accumulate_group_evidence(class_mu: torch.Tensor, class_logvar: torch.Tensor, groups: torch.Tensor,
+                                   index: object = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group evidence accumulation as the reference does it: one Python iteration per sample.
+
+    precision_g = sum_i 1 / exp(logvar_i) and mu_g = sum_i mu_i / exp(logvar_i) / precision_g, kept in
+    dicts keyed by label; a second loop gives each sample its group's posterior. `index` is taken
+    only to match utils.accumulate_group_evidence's signature: the dicts replace it.
+    """
+    labels = groups.tolist()
+    precision, weighted_mu = {}, {}
+    for i, label in enumerate(labels):
+        sample_precision = 1.0 / torch.exp(class_logvar[i])
+        if label in precision:
+            precision[label] = precision[label] + sample_precision
+            weighted_mu[label] = weighted_mu[label] + class_mu[i] * sample_precision
+        else:
+            precision[label] = sample_precision
+            weighted_mu[label] = class_mu[i] * sample_precision
+    group_mu, group_logvar = [], []
+    for label in labels:
+        group_mu.append(weighted_mu[label] / precision[label])
+        group_logvar.append(torch.log(1.0 / precision[label]))
+    return torch.stack(group_mu), torch.stack(group_logvar)
+
+
+def loop_group_noise(groups: torch.Tensor, dim: int, generator: torch.Generator | None = None,
+                     device: torch.device | None = None) -> dict[int, torch.Tensor]:
+    """One eps ~ N(0, I) per label, drawn one label at a time."""
+    return {label: torch.randn(dim, generator=generator, device=device) for label in sorted(set(groups.tolist()))}
+
+
+def loop_assign_group_noise(mu: torch.Tensor, logvar: torch.Tensor, groups: torch.Tensor, eps_std: float,
+                            noise: dict[int, torch.Tensor]) -> torch.Tensor:
+    """z_i = mu_i + eps_std * noise[label_i] * std_i, one Python iteration per sample."""
+    rows = [mu[i] + eps_std * noise[label] * torch.exp(0.5 * logvar[i]) for i, label in enumerate(groups.tolist())]
+    return torch.stack(rows)
+
+
+def loop_group_wise_reparameterize(mu: torch.Tensor, logvar: torch.Tensor, groups: torch.Tensor,
+                                   eps_std: float, generator: torch.Generator | None = None,
+                                   index: object = None) -> torch.Tensor:
+    """The grouped reparameterization with the reference's loops: noise per label, then per sample.
+
+    `index` is taken only to match utils.group_wise_reparameterize's signature.
+    """
+    noise = loop_group_noise(groups, mu.shape[1], generator, mu.device)
+    return loop_assign_group_noise(mu, logvar, groups, eps_std, noise)
+
+
+@contextmanager
+def loop_baseline():
+    """Run training.compute_losses with the loop versions of the two grouped operations.
+
+    Everything else (networks, losses, Adam) stays the real training step, so the difference in
+    time is the cost of the loops alone.
+    """
+    with mock.patch.multiple(training, accumulate_group_evidence=loop_accumulate_group_evidence,
+                             group_wise_reparameterize=loop_group_wise_reparameterize):
+        yield
+
+
+# ---- timing the training step --------------------------------------------------------------------
+
+def step_args(batch: int, precision: str, device: torch.device, compile_: bool) -> argparse.Namespace:
+    """training.py's own defaults for everything but batch, precision, device and compile."""
+    with tempfile.TemporaryDirectory() as scratch:
+        # parse_args refuses an existing run folder; nothing is ever saved into this empty one.
+        flags = ["--batch-size", str(batch), "--precision", precision, "--device", str(device),
+                 "--checkpoint-dir", scratch, "--run-name", "benchmark"]
+        return training.parse_args(flags + ["--compile"] * compile_)
+
+
+def time_training_step(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, steps: int,
+                       warmup: int, repeats: int) -> dict:
+    """Seconds per training.train_step, with batches indexed from a permutation as training.train does."""
+    device = args.device
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    encoder = Encoder(args.style_dim, args.class_dim).to(device)
+    decoder = Decoder(args.style_dim, args.class_dim, args.likelihood).to(device)
+    optimizer = training.make_optimizer(encoder, decoder, args)
+    loss_fn = torch.compile(training.compute_losses) if args.compile else training.compute_losses
+    perm = torch.randperm(len(images), generator=generator, device=device)
+    batches = len(images) // args.batch_size
+    position = 0
+
+    def one_step() -> None:
+        nonlocal position
+        index = perm[position * args.batch_size:(position + 1) * args.batch_size]
+        position = (position + 1) % batches
+        training.train_step(encoder, decoder, optimizer, images.index_select(0, index),
+                            labels.index_select(0, index), args, generator, loss_fn)
+
+    start = time.perf_counter()
+    for _ in range(warmup):
+        one_step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    seconds = best_time(one_step, device, calls=max(steps // repeats, 1), repeats=repeats)
+    return {"ms_per_step": 1e3 * seconds, "images_per_s": args.batch_size / seconds,
+            "s_per_epoch": (MNIST_TRAIN // args.batch_size) * seconds, "warmup_s": warmup_s}
+
+
+def benchmark_device(device: torch.device, options: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    images, labels = data_loader.load_split(options.data_dir, "train", device=device)
+    images = images.reshape(len(images), PIXELS)
+    defaults = step_args(options.batch_size, "fp32", device, False)
+    flops = step_flops(options.batch_size, defaults.style_dim, defaults.class_dim)
+    bounds = {precision: gemm_bound(options.batch_size, defaults.style_dim, defaults.class_dim,
+                                    {"fp32": torch.float32, "bf16": torch.bfloat16}[precision], device,
+                                    options.repeats)
+              for precision in ("fp32", "bf16")}
+    rows = []
+    for precision in options.precision:
+        for compile_ in (False, True) if options.compile else (False,):
+            args = step_args(options.batch_size, precision, device, compile_)
+            row = time_training_step(images, labels, args, options.steps, options.warmup, options.repeats)
+            row.update(name=f"ML-VAE step, {precision}" + " + compile" * compile_, precision=precision,
+                       compile=compile_)
+            rows.append(row)
+    with loop_baseline():
+        args = step_args(options.batch_size, "fp32", device, False)
+        # A few warm-up steps suffice: its time is Python, and each of its steps costs ~0.1 s.
+        baseline = time_training_step(images, labels, args, options.baseline_steps,
+                                      warmup=min(options.warmup, 3), repeats=1)
+    baseline.update(name="loop baseline, fp32", precision="fp32", compile=False)
+    for row in rows + [baseline]:
+        bound = bounds[row["precision"]]
+        row.update(device=str(device), gflops=flops / (row["ms_per_step"] / 1e3) / 1e9,
+                   share_of_bound=bound["bound_ms"] / row["ms_per_step"],
+                   speedup_over_loops=baseline["ms_per_step"] / row["ms_per_step"])
+    return rows + [baseline], list(bounds.values())
+
+
+def cpu_name() -> str:
+    """The CPU's model name where Linux tells it (platform.processor() only says x86_64)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def devices(name: str) -> list[torch.device]:
+    if name == "all":
+        return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [torch.device(name)]
+
+
+def format_table(rows: list[dict], bounds: list[dict]) -> str:
+    lines = [f"{'device':7} {'configuration':26} {'ms/step':>8} {'images/s':>9} {'s/epoch':>8} "
+             f"{'GFLOP/s':>8} {'of bound':>8} {'vs loops':>8} {'warm-up s':>9}"]
+    for row in rows:
+        lines.append(f"{row['device']:7} {row['name']:26} {row['ms_per_step']:8.2f} {row['images_per_s']:9.0f} "
+                     f"{row['s_per_epoch']:8.2f} {row['gflops']:8.1f} {row['share_of_bound']:8.0%} "
+                     f"{row['speedup_over_loops']:7.1f}x {row['warmup_s']:9.1f}")
+    for bound in bounds:
+        name = f"FLOP bound, {bound['dtype']} matmuls"
+        lines.append(f"{bound['device']:7} {name:26} {bound['bound_ms']:8.2f} {'':9} {'':8} {bound['gflops']:8.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    for flag in ("batch_size", "steps", "repeats", "baseline_steps"):
+        if getattr(options, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    torch.set_float32_matmul_precision("high")  # as training.main does: TF32 matmuls on GPUs that have them
+    defaults = step_args(options.batch_size, "fp32", torch.device("cpu"), False)
+    flops = step_flops(options.batch_size, defaults.style_dim, defaults.class_dim)
+    results = {"rows": [], "bounds": [], "batch_size": options.batch_size, "step_flops": flops,
+               "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(),
+                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "load_average_at_start": os.getloadavg(),
+                           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    for device in devices(options.device):
+        rows, bounds = benchmark_device(device, options)
+        results["rows"] += rows
+        results["bounds"] += bounds
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    print(f"batch {options.batch_size}, {flops / 1e9:.3f} GFLOP per step (forward + backward matmuls), "
+          f"{results['machine']['torch_threads']} CPU threads, load average "
+          f"{results['machine']['load_average_at_start'][0]:.1f} at start")
+    print(format_table(results["rows"], results["bounds"]))
+    load = max(results["machine"]["load_average_at_start"][0], results["machine"]["load_average_at_end"][0])
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(f"note: load average {load:.1f} on {os.cpu_count()} cores: other processes share the CPU, so the "
+              "times are slower than on a quiet machine; the ratios (of bound, vs loops) were taken under the "
+              "same load. Try --threads 1 on a busy machine.")
+    if options.json is not None:
+        options.json.parent.mkdir(parents=True, exist_ok=True)
+        options.json.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
