@@ -173,7 +173,8 @@ class ModelSettings:
     @property
     def name(self) -> str:
         """A short name for output files: the run folder's name, or the encoder file's name."""
-        return self.encoder_path.parent.name if self.encoder_path.name == "encoder.pt" else self.encoder_path.stem
+        path = self.encoder_path
+        return path.parent.name if path.name == "encoder.pt" else path.name.removesuffix(".pt")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,58 @@
+"""classifier.py: the latent-classifier protocol end to end, its grouping, and the reference cross-check."""
+import json
+
+import pytest
+import torch
+
+import classifier
+
+FAST = ["--iterations", "30", "--no-progress"]
+
+
+def test_prints_and_writes_the_four_accuracies_in_percent(tiny_run, tmp_path, capsys):
+    rows = classifier.main(["--checkpoint-dir", str(tiny_run), "--json", str(tmp_path / "acc.json"), *FAST])
+    saved = json.loads((tmp_path / "acc.json").read_text())
+    assert saved == rows[0]
+    assert all(0 <= saved[key] <= 100 for key in classifier.ACCURACY_KEYS)
+    assert (saved["eps_std"], saved["style_dim"], saved["class_dim"], saved["evidence"]) == (0.5, 6, 4, False)
+    out = capsys.readouterr().out
+    assert "| eps std | style dim | class dim | evidence |" in out
+    assert f"| 0.5 | 6 | 4 | no | {saved['style_train']:.2f} |" in out
+
+
+def test_both_gives_a_row_without_and_a_row_with_evidence(tiny_run, tmp_path):
+    rows = classifier.main(["--checkpoint-dir", str(tiny_run), "--both", "--json", str(tmp_path / "a.json"),
+                            "--split", "validation", *FAST])
+    assert [row["evidence"] for row in rows] == [False, True]
+    assert json.loads((tmp_path / "a.json").read_text()) == rows
+
+
+def test_evidence_latents_are_shared_within_a_batch_and_digit_only():
+    posteriors = tuple(torch.randn(8, 3) for _ in range(4))
+    labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    order = torch.arange(8)
+    _, class_z = classifier.sample_latents(posteriors, labels, order, 4, True, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(class_z[0], class_z[1]) and torch.equal(class_z[2], class_z[3])
+    assert not torch.equal(class_z[0], class_z[2])  # another digit
+    assert not torch.equal(class_z[0], class_z[4])  # the same digit in the next batch
+
+
+def test_validation_split_holds_out_the_last_ten_thousand_train_images():
+    args = classifier.build_parser().parse_args(["--split", "validation"])
+    (train_x, train_y), (held_x, held_y) = classifier.load_splits(args, "mnist", torch.device("cpu"))
+    assert (len(train_y), len(held_y)) == (50000, 10000)
+
+
+def test_mismatched_checkpoint_gives_a_clear_error(tiny_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        classifier.main(["--checkpoint-dir", str(tiny_run), "--style-dim", "10", *FAST])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(tiny_run / "encoder.pt") in err and "--style-dim 10" in err
+
+
+def test_reference_weights_with_evidence_read_the_digit_far_above_chance(reference_checkpoints):
+    rows = classifier.main(["--encoder", str(reference_checkpoints / "encoder_0.1_var_reparam"),
+                            "--decoder", str(reference_checkpoints / "decoder_0.1_var_reparam"),
+                            "--eps-std", "0.1", "--accumulate-evidence", "--iterations", "200", "--no-progress"])
+    assert rows[0]["class_test"] > 80

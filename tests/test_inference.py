@@ -1,0 +1,78 @@
+"""inference.py end to end on a tiny trained model: the grid's layout, fixed references, errors."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference
+
+GRID_PIXELS = 11 * inference.CELL + 9 * inference.GAP + inference.SEPARATOR
+
+
+def run(tiny_run, tmp_path, *flags):
+    return inference.main(["--checkpoint-dir", str(tiny_run), "--out", str(tmp_path / "grid.png"), *flags])
+
+
+def pixels(path):
+    return torch.from_numpy(np.array(Image.open(path).convert("L"))).float() / 255
+
+
+def test_grid_png_has_the_expected_size_and_a_blank_corner(tiny_run, tmp_path, capsys):
+    out = run(tiny_run, tmp_path)
+    assert Image.open(out).size == (GRID_PIXELS, GRID_PIXELS)
+    image = pixels(out)
+    assert (image[: inference.CELL, : inference.CELL] == 1).all()  # the white background, no image
+    assert image[inference.CELL + 2: inference.CELL + 4].eq(1).all()  # the separator below the top row
+    assert str(out) in capsys.readouterr().out
+
+
+def test_diagonal_is_a_reconstruction_of_its_source(tiny_run, tmp_path):
+    image = pixels(run(tiny_run, tmp_path))
+    top, left = inference.cell_offset(3), inference.cell_offset(0)
+    source = image[top:top + 28, left:left + 28]
+    diagonal = image[top:top + 28, top:top + 28]
+    off_diagonal_source = image[inference.cell_offset(0):inference.cell_offset(0) + 28, top:top + 28]
+    torch.testing.assert_close(source, off_diagonal_source)  # row 3's style image heads column 3
+    assert not torch.equal(diagonal, source)  # a generation, not a copy
+
+
+def test_fixed_references_are_the_same_on_two_calls(tiny_run, tmp_path):
+    first = run(tiny_run, tmp_path / "a").read_bytes()
+    assert run(tiny_run, tmp_path / "b").read_bytes() == first
+
+
+def test_random_references_follow_the_seed(tiny_run, tmp_path):
+    a = run(tiny_run, tmp_path / "a", "--reference", "random", "--seed", "1").read_bytes()
+    b = run(tiny_run, tmp_path / "b", "--reference", "random", "--seed", "1").read_bytes()
+    c = run(tiny_run, tmp_path / "c", "--reference", "random", "--seed", "2").read_bytes()
+    assert a == b != c
+
+
+def test_fixed_references_are_the_first_test_image_of_each_digit():
+    labels = torch.tensor([7, 2, 1, 0, 4, 1, 4, 9, 5, 9, 0, 6, 9, 0, 1, 5, 9, 7, 3, 4, 8])
+    chosen = inference.reference_indices(labels, "fixed", torch.Generator())
+    assert chosen.tolist() == [3, 2, 1, 18, 4, 8, 11, 0, 20, 7]
+
+
+@pytest.mark.parametrize("flags", [[], ["--evidence-size", "5"]])
+def test_evidence_changes_the_generations_but_not_the_sources(tiny_run, tmp_path, flags):
+    plain = pixels(run(tiny_run, tmp_path / "a"))
+    evidence = pixels(run(tiny_run, tmp_path / "b", "--accumulate-evidence", *flags))
+    sources = inference.cell_offset(1)
+    torch.testing.assert_close(plain[:sources], evidence[:sources])
+    assert not torch.equal(plain[sources:, sources:], evidence[sources:, sources:])
+
+
+def test_missing_checkpoint_gives_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--checkpoint-dir", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    assert f"no weights at {tmp_path / 'nowhere' / 'encoder.pt'}" in capsys.readouterr().err
+
+
+def test_mismatched_dims_give_a_clear_error(tiny_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tiny_run, tmp_path, "--class-dim", "10")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(tiny_run / "encoder.pt") in err and "--class-dim 10" in err and "class dim 4" in err

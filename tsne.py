@@ -1,0 +1,101 @@
+"""t-SNE maps of the style latents and of the class latents (without and with evidence), coloured by digit.
+
+Each point is one test image's posterior mean. In the third panel the class code of an image is the
+mean of the accumulated posterior of the images of its digit within its random batch (as in the
+classifier's "with evidence" rows), so the members of a group share one point.
+
+    python tsne.py                                       # images/tsne_mlvae_eps0.1.png
+    python tsne.py --eps-std 0.1 --out images/reference_tsne_eps0.1.png \\
+        --encoder ../shared/reference/checkpoints/encoder_0.1_var_reparam \\
+        --decoder ../shared/reference/checkpoints/decoder_0.1_var_reparam
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from sklearn.manifold import TSNE
+
+import data_loader
+from utils import accumulate_group_evidence, add_model_arguments, batch_groups, device_and_models, encode
+
+NUM_DIGITS = 10
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(parser)
+    add = parser.add_argument
+    add("--num-samples", type=int, default=2500,
+        help="random test images to map (each t-SNE takes about a minute for 2500 on a busy core)")
+    add("--evidence-batch", type=int, default=256, help="batch size within which a digit's images form a group")
+    add("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
+    add("--seed", type=int, default=0, help="seed of the image subset, the batches and t-SNE")
+    add("--out", default=None, help="PNG path (default: images/tsne_<run>.png)")
+    return parser
+
+
+def latent_panels(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  evidence_batch: int) -> dict[str, torch.Tensor]:
+    """The three point sets to map, keyed by panel title; rows follow `images`."""
+    style_mu, _, class_mu, class_logvar = encode(encoder, images)
+    group_mu, _ = accumulate_group_evidence(class_mu, class_logvar, batch_groups(labels, evidence_batch))
+    return {"style": style_mu, "class, no evidence": class_mu, "class, with evidence": group_mu}
+
+
+def plot(embeddings: dict[str, np.ndarray], labels: np.ndarray, title: str, out: Path) -> None:
+    fig, axes = plt.subplots(1, len(embeddings), figsize=(5 * len(embeddings), 5.4))
+    colours = plt.get_cmap("tab10")
+    for ax, (name, points) in zip(axes, embeddings.items()):
+        for digit in range(NUM_DIGITS):
+            mine = labels == digit
+            ax.scatter(points[mine, 0], points[mine, 1], s=4, color=colours(digit), label=str(digit))
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", title="digit", markerscale=4, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.95, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device, encoder, _, settings = device_and_models(parser, args)
+    try:
+        images, labels = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
+    except data_loader.DatasetFileError as error:
+        sys.exit(f"error: {error}")
+    if not 2 < args.num_samples <= len(labels):
+        parser.error(f"--num-samples must lie in [3, {len(labels)}]")
+    if args.perplexity >= args.num_samples:
+        parser.error("--perplexity must be smaller than --num-samples")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    index = torch.randperm(len(labels), generator=generator, device=device)[: args.num_samples]
+    panels = latent_panels(encoder, images[index], labels[index], args.evidence_batch)
+    embeddings = {}
+    for name, points in panels.items():
+        tsne = TSNE(n_components=2, perplexity=args.perplexity, init="pca", random_state=args.seed)
+        embeddings[name] = tsne.fit_transform(points.cpu().numpy())
+        print(f"t-SNE of the {name} latents done")
+    out = Path(args.out or f"images/tsne_{settings.name}.png")
+    plot(embeddings, labels[index].cpu().numpy(),
+         f"{settings.name}: posterior means of {args.num_samples} {settings.dataset} test images", out)
+    print(f"Saved the t-SNE maps to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
