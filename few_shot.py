@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import data_loader
-from utils import ModelLoadError, add_model_arguments, encode, fused_means, load_models, pick_device
+from utils import add_model_arguments, device_and_models, encode, fused_means
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +53,7 @@ def draw_shots(labels: torch.Tensor, classes: list[int], shots: int, trials: int
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = pick_device(args.device)
-    try:
-        encoder, _, settings = load_models(args, device)
-    except ModelLoadError as error:
-        parser.error(str(error))
+    device, encoder, _, settings = device_and_models(parser, args)
     train_x, train_y = data_loader.load_split(args.data_dir, "train", settings.dataset, device)
     test_x, test_y = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
     keep = torch.isin(test_y, torch.tensor(args.held_out, device=device))

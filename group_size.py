@@ -27,8 +27,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import data_loader
 from networks import Classifier
-from utils import (ModelLoadError, add_model_arguments, draw_evidence_sets, encode, fused_means, load_models,
-                   pick_device)
+from utils import add_model_arguments, device_and_models, draw_evidence_sets, encode, fused_means
 
 GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -66,11 +65,7 @@ def train_mlp_probe(z: torch.Tensor, labels: torch.Tensor, steps: int, seed: int
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = pick_device(args.device)
-    try:
-        encoder, _, settings = load_models(args, device)
-    except ModelLoadError as error:
-        parser.error(str(error))
+    device, encoder, _, settings = device_and_models(parser, args)
     train_x, train_y = data_loader.load_split(args.data_dir, "train", settings.dataset, device)
     test_x, test_y = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
     train_mu = encode(encoder, train_x)[2]

@@ -23,8 +23,7 @@ import torch
 
 import data_loader
 from pixel_classifier import load_pixel_classifier, predict
-from utils import (ModelLoadError, add_model_arguments, draw_evidence_sets, encode, fused_means, load_models,
-                   pick_device)
+from utils import add_model_arguments, device_and_models, draw_evidence_sets, encode, fused_means
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,12 +75,11 @@ def swap_scores(encoder: torch.nn.Module, decoder: torch.nn.Module, classifier: 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = pick_device(args.device)
+    device, encoder, decoder, settings = device_and_models(parser, args)
     try:
-        encoder, decoder, settings = load_models(args, device)
         classifier = load_pixel_classifier(
             args.pixel_classifier or f"checkpoints/pixel_classifier_{settings.dataset}.pt", device)
-    except (ModelLoadError, FileNotFoundError) as error:
+    except FileNotFoundError as error:
         parser.error(str(error))
     images, labels = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
     results = swap_scores(encoder, decoder, classifier, images, labels, args.num_styles, args.evidence_size,
