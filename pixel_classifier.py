@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(data_loader.DATASETS), default="mnist", help="data set")
     parser.add_argument("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
-    parser.add_argument("--epochs", type=int, default=4, help="passes over the training split")
+    parser.add_argument("--epochs", type=int, default=8, help="passes over the training split")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--num-train", type=int, default=None, help="use only the first N training images")
