@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
 import data_loader
-from utils import add_model_arguments, device_and_models, encode, fused_means
+from utils import add_model_arguments, device_and_models, encode, fused_means, write_text_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
             row.append(f"{accuracy.mean():.2f} +- {accuracy.std():.2f}")
         print(f"| {shots} | " + " | ".join(row) + " |", flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps(results, indent=1) + "\n")
     return results
 
 

@@ -27,7 +27,8 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import data_loader
 from networks import Classifier
-from utils import add_model_arguments, device_and_models, draw_evidence_sets, encode, fused_means
+from utils import (add_model_arguments, device_and_models, draw_evidence_sets, encode, fused_means,
+                   write_text_atomic)
 
 GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -88,8 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"K={k:4d}  " + "  ".join(f"{name} {results[name][-1]:6.2f}" for name in ("logistic", "knn", "mlp")),
               flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps(results, indent=1) + "\n")
     if args.out:
         plot_curves([results] + [json.loads(Path(p).read_text()) for p in args.compare], args.out)
         print(f"wrote {args.out}")

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
 import data_loader
 from pixel_classifier import load_pixel_classifier, predict
-from utils import add_model_arguments, device_and_models, draw_evidence_sets, encode, fused_means
+from utils import (add_model_arguments, device_and_models, draw_evidence_sets, encode, fused_means,
+                   write_text_atomic)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {name.replace('_', ' ')} | {r['content_transfer']:.2f} | {r['style_leak']:.2f} | "
               f"{r['reconstruction_ceiling']:.2f} |")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps(results, indent=1) + "\n")
     return results
 
 
