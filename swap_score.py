@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     images, labels = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
     results = swap_scores(encoder, decoder, classifier, images, labels, args.num_styles, args.evidence_size,
                           torch.Generator().manual_seed(args.seed))
-    print(f"model {settings.encoder_path.parent}; pixel classifier on the real style images: "
+    print(f"encoder {settings.encoder_path}; pixel classifier on the real style images: "
           f"{results['classifier_on_real_images']:.2f}%")
     print("| class code | content transfer | style leak | reconstruction ceiling |")
     print("| --- | --- | --- | --- |")
