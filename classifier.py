@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the classifiers' weights, the batch order and the noise")
     add("--json", default=None, help="also write the numbers here (one object; a list of two with --both)")
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--batchnorm-batch-stats", action="store_true",
+        help="reference behaviour: measure accuracy with BatchNorm normalising each batch by its own statistics")
     return parser
 
 
@@ -116,15 +118,19 @@ def accuracies(models: tuple[Classifier, Classifier], split: tuple[tuple[torch.T
     """Style and class accuracy in percent over one pass of whole batches of a split.
 
     The batches have equal sizes, so the mean over all rows equals the reference's mean of per-batch
-    accuracies. The classifiers run in eval mode (BatchNorm with its running statistics).
+    accuracies. The classifiers run in eval mode (BatchNorm with its running statistics) unless
+    --batchnorm-batch-stats asks for the reference's per-batch statistics.
     """
     posteriors, labels = split
     order = batch_order(len(labels), args.batch_size, generator)
     latents = sample_latents(posteriors, labels, order, args.batch_size, evidence, eps_std, generator)
     result = []
     for model, z in zip(models, latents):
-        model.eval()
-        result.append(100.0 * (model(z).argmax(1) == labels[order]).float().mean().item())
+        # The reference left BatchNorm in training mode, so each batch was normalised by its own statistics.
+        model.train(args.batchnorm_batch_stats)
+        with torch.no_grad():
+            predicted = torch.cat([model(chunk).argmax(1) for chunk in z.split(args.batch_size)])
+        result.append(100.0 * (predicted == labels[order]).float().mean().item())
     return result[0], result[1]
 
 

@@ -56,3 +56,17 @@ def test_reference_weights_with_evidence_read_the_digit_far_above_chance(referen
                             "--decoder", str(reference_checkpoints / "decoder_0.1_var_reparam"),
                             "--eps-std", "0.1", "--accumulate-evidence", "--iterations", "200", "--no-progress"])
     assert rows[0]["class_test"] > 80
+
+
+def test_batchnorm_batch_stats_measures_with_each_batchs_own_statistics(tiny_run, monkeypatch):
+    modes = []
+    original_forward = classifier.Classifier.forward
+
+    def recording_forward(self, z):
+        modes.append(self.training)
+        return original_forward(self, z)
+
+    monkeypatch.setattr(classifier.Classifier, "forward", recording_forward)
+    rows = classifier.main(["--checkpoint-dir", str(tiny_run), "--batchnorm-batch-stats", *FAST])
+    assert all(0.0 <= rows[0][key] <= 100.0 for key in classifier.ACCURACY_KEYS)
+    assert modes and all(modes)  # training and measuring both ran BatchNorm in training mode
