@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 import data_loader
 from networks import LIKELIHOODS, PIXELS, Decoder, Encoder
-from utils import (accumulate_group_evidence, atomic_save, write_text_atomic, class_kl_divergence, group_index,
-                   group_wise_reparameterize, kl_divergence, pick_device, reconstruction_loss, reparameterize)
+from utils import (accumulate_group_evidence, atomic_save, class_kl_divergence, group_index, group_wise_reparameterize,
+                   kl_divergence, pick_device, reconstruction_loss, reparameterize, write_text_atomic)
 
 LOG_FIELDS = ("epoch", "iteration", "reconstruction", "style_kl", "class_kl", "images_per_s")
 # Settings that define the model and its objective: a resumed run must keep them.
@@ -117,12 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num-train ({args.num_train}) must be at least --batch-size ({args.batch_size})")
     try:
         args.device = pick_device(args.device)
-    except RuntimeError as error:
+    except ValueError as error:
         parser.error(f"--device: {error}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
-    if args.device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device}: only cpu and cuda are supported")
     args.run_name = args.run_name or default_run_name(args)
     args.run_dir = Path(args.checkpoint_dir) / args.run_name
     state_path = args.run_dir / "training_state.pt"

@@ -142,10 +142,18 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' means CUDA when present, else the CPU."""
+    """'auto' means CUDA when present, else the CPU; raises ValueError for a device that cannot be used."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(str(error)) from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{device}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{device}: CUDA is not available on this machine")
+    return device
 
 
 # ---- Loading a trained model, shared by the evaluation scripts ----------------------------------
@@ -269,12 +277,8 @@ def device_and_models(parser: argparse.ArgumentParser,
     (bad device, missing or mismatched weights) ends in an argparse-style error."""
     try:
         device = pick_device(args.device)
-    except RuntimeError as error:
+    except ValueError as error:
         parser.error(f"--device: {error}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {device}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {device}: only cpu and cuda are supported")
     try:
         encoder, decoder, settings = load_models(args, device)
     except ModelLoadError as error:
