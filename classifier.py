@@ -25,11 +25,10 @@ from tqdm import tqdm
 
 import data_loader
 from networks import Classifier, init_reference_
-from utils import (accumulate_group_evidence, add_model_arguments, batch_groups, device_and_models, encode,
-                   group_wise_reparameterize, reparameterize, write_text_atomic)
+from utils import (accumulate_group_evidence, add_model_arguments, add_split_argument, batch_groups,
+                   device_and_models, encode, group_wise_reparameterize, reparameterize, write_text_atomic)
 
 NUM_CLASSES = 10
-VALIDATION_START = 50000  # --split validation: train on train images [0, 50000), test on the rest
 COLUMNS = ("eps std", "style dim", "class dim", "evidence", "style train", "style test", "class train",
            "class test")
 ACCURACY_KEYS = ("style_train", "style_test", "class_train", "class_test")
@@ -43,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--accumulate-evidence", action="store_true",
         help="class latent = grouped posterior of the batch's images of the same digit")
     add("--both", action="store_true", help="run with and without evidence, one table row each")
-    add("--split", choices=("test", "validation"), default="test",
-        help=f"test: train on MNIST train, test on MNIST test; validation: train on train images "
-             f"[0, {VALIDATION_START}), report train images [{VALIDATION_START}, end) as 'test'")
+    add_split_argument(parser)
     add("--iterations", type=int, default=20000, help="classifier training steps (the reference: 100000)")
     add("--batch-size", type=int, default=128, help="images per training and evaluation batch")
     add("--lr", type=float, default=1e-4, help="Adam learning rate of the classifiers")
@@ -134,16 +131,6 @@ def accuracies(models: tuple[Classifier, Classifier], split: tuple[tuple[torch.T
     return result[0], result[1]
 
 
-def load_splits(args: argparse.Namespace, dataset: str,
-                device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(train images, labels) and (test images, labels) for `--split`."""
-    train_images, train_labels = data_loader.load_split(args.data_dir, "train", dataset, device)
-    if args.split == "validation":
-        return ((train_images[:VALIDATION_START], train_labels[:VALIDATION_START]),
-                (train_images[VALIDATION_START:], train_labels[VALIDATION_START:]))
-    return (train_images, train_labels), data_loader.load_split(args.data_dir, "test", dataset, device)
-
-
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     for row in rows:
@@ -162,7 +149,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--batch-size must be at least 2 (BatchNorm needs two rows)")
     device, encoder, _, settings = device_and_models(parser, args)
     try:
-        (train_images, train_labels), (test_images, test_labels) = load_splits(args, settings.dataset, device)
+        (train_images, train_labels), (test_images, test_labels) = data_loader.evaluation_splits(
+            args.data_dir, settings.dataset, args.split, device)
     except data_loader.DatasetFileError as error:
         sys.exit(f"error: {error}")
     if len(train_labels) < args.batch_size:

@@ -25,6 +25,8 @@ DATASETS = {
     "fashion-mnist": ("FashionMNIST", Path("/usr/share/datasets/fashion-mnist")),
 }
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+EVALUATION_SPLITS = ("test", "validation")
+VALIDATION_START = 50000  # the validation split: train images [50000, 60000)
 IMAGE_SIZE = 28
 IDX_MAGIC = {"images": 2051, "labels": 2049}
 
@@ -126,6 +128,23 @@ def load_split(data_dir: str | Path, split: str, dataset: str = "mnist",
         raise _fail(dataset, raw_dir, f"{len(images)} images but {len(labels)} labels")
     images = torch.from_numpy(images.copy()).to(device).unsqueeze(1).float().div_(255.0)
     return images, torch.from_numpy(labels.astype(np.int64)).to(device)
+
+
+def evaluation_splits(data_dir: str | Path, dataset: str, split: str, device: torch.device | str = "cpu"
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((train images, labels), (held-out images, labels)) for an evaluation.
+
+    split "test": the train and the test split. split "validation": train images [0, VALIDATION_START)
+    and [VALIDATION_START, end), for choosing settings without looking at the test split (train the
+    model with `training.py --num-train 50000` so that it never saw the held-out images).
+    """
+    if split not in EVALUATION_SPLITS:
+        raise ValueError(f"unknown evaluation split {split!r}; choose from {EVALUATION_SPLITS}")
+    images, labels = load_split(data_dir, "train", dataset, device)
+    if split == "validation":
+        start = VALIDATION_START
+        return (images[:start], labels[:start]), (images[start:], labels[start:])
+    return (images, labels), load_split(data_dir, "test", dataset, device)
 
 
 def epoch_batches(num_samples: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

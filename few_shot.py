@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     device, encoder, _, settings = device_and_models(parser, args)
-    train_x, train_y = data_loader.load_split(args.data_dir, "train", settings.dataset, device)
-    test_x, test_y = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
+    (train_x, train_y), (test_x, test_y) = data_loader.evaluation_splits(args.data_dir, settings.dataset,
+                                                                         "test", device)
     keep = torch.isin(test_y, torch.tensor(args.held_out, device=device))
     test_x, test_y = test_x[keep], test_y[keep]
     targets = torch.searchsorted(torch.tensor(sorted(args.held_out), device=device), test_y)

@@ -1,9 +1,9 @@
-"""Class-code accuracy on the test split as a function of the number K of images whose evidence is fused.
+"""Class-code accuracy on held-out images as a function of the number K of images whose evidence is fused.
 
-For every test image (the query), K-1 OTHER test images of its digit are drawn at random; the class
+For every test image (the query; with --split validation, every image of the validation split), K-1 OTHER images of its digit are drawn at random; the class
 posteriors of the query and those K-1 images are fused by group evidence accumulation, and the fused
 posterior mean is classified. K = 1 is the query alone. Three probes, all trained once on the
-single-image class posterior means of MNIST train: logistic regression, 5-nearest neighbours and the
+single-image class posterior means of the training images: logistic regression, 5-nearest neighbours and the
 reference's MLP. Nothing here groups a test batch by label, so no probe can read the label off the
 batch layout.
 
@@ -27,8 +27,8 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import data_loader
 from networks import Classifier
-from utils import (add_model_arguments, device_and_models, draw_evidence_sets, encode, fused_means,
-                   write_text_atomic)
+from utils import (add_model_arguments, add_split_argument, device_and_models, draw_evidence_sets, encode,
+                   fused_means, write_text_atomic)
 
 GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_arguments(parser)
+    add_split_argument(parser)
     parser.add_argument("--group-sizes", type=int, nargs="+", default=list(GROUP_SIZES), help="values of K")
     parser.add_argument("--mlp-steps", type=int, default=3000, help="training steps of the MLP probe")
     parser.add_argument("--seed", type=int, default=0, help="seed of the evidence draws and the MLP probe")
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     device, encoder, _, settings = device_and_models(parser, args)
-    train_x, train_y = data_loader.load_split(args.data_dir, "train", settings.dataset, device)
-    test_x, test_y = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
+    (train_x, train_y), (test_x, test_y) = data_loader.evaluation_splits(args.data_dir, settings.dataset,
+                                                                         args.split, device)
     train_mu = encode(encoder, train_x)[2]
     _, _, test_mu, test_logvar = encode(encoder, test_x)
     probes = {
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     mlp = train_mlp_probe(train_mu, train_y, args.mlp_steps, args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    results = {"label": args.label or str(settings.encoder_path), "group_sizes": args.group_sizes,
+    results = {"label": args.label or str(settings.encoder_path), "split": args.split,
+               "group_sizes": args.group_sizes,
                "logistic": [], "knn": [], "mlp": []}
     for k in args.group_sizes:
         members = draw_evidence_sets(test_y, k, generator)

@@ -30,13 +30,14 @@ from tqdm import tqdm
 import data_loader
 from networks import LIKELIHOODS, PIXELS, Decoder, Encoder
 from utils import (accumulate_group_evidence, atomic_save, class_kl_divergence, group_index, group_wise_reparameterize,
-                   kl_divergence, pick_device, reconstruction_loss, reparameterize, write_text_atomic)
+                   kl_divergence, pick_device, reconstruction_loss, reparameterize, training_groups,
+                   write_text_atomic)
 
 LOG_FIELDS = ("epoch", "iteration", "reconstruction", "style_kl", "class_kl", "images_per_s")
 # Settings that define the model and its objective: a resumed run must keep them.
 RUN_SETTINGS = ("dataset", "style_dim", "class_dim", "likelihood", "eps_std", "detach_class_posterior",
-                "class_kl_per_sample", "reconstruction_coef", "kl_coef", "batch_size", "lr", "beta1",
-                "beta2", "num_train", "classes", "seed", "precision")
+                "class_kl_per_sample", "reconstruction_coef", "kl_coef", "style_kl_coef", "group_size",
+                "batch_size", "lr", "beta1", "beta2", "num_train", "classes", "seed", "precision")
 PROGRESS_EVERY = 25  # steps between progress-bar updates and NaN checks (each one syncs the device)
 
 
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
              "gaussian: learned per-pixel variance")
     add("--reconstruction-coef", type=float, default=1.0, help="weight of the reconstruction term")
     add("--kl-coef", type=float, default=1.0, help="weight of the style and class KL terms")
+    add("--style-kl-coef", type=float, default=1.0,
+        help="extra weight of the style KL (a beta-VAE knob beyond the paper; 1 = the paper)")
+    add("--group-size", type=int, default=None,
+        help="split each digit's images in a batch into groups of at most this many (beyond the paper; "
+             "default: one group per digit in the batch, the paper's setup)")
     add("--detach-class-posterior", action="store_true",
         help="reference behaviour: cut the class heads out of the gradient before accumulating evidence")
     add("--class-kl-per-sample", action="store_true",
@@ -91,6 +97,10 @@ def default_run_name(args: argparse.Namespace) -> str:
     name += f"_eps{args.eps_std:g}"
     if args.likelihood != "mse":
         name += f"_{args.likelihood}"
+    if args.style_kl_coef != 1.0:
+        name += f"_stylekl{args.style_kl_coef:g}"
+    if args.group_size is not None:
+        name += f"_group{args.group_size}"
     if args.dataset != "mnist":
         name += f"_{args.dataset}"
     if args.classes is not None:
@@ -110,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("style_dim", "class_dim"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.group_size is not None and args.group_size < 1:
+        parser.error("--group-size must be at least 1")
     for flag in ("eps_std", "lr"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
@@ -126,8 +138,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not state_path.is_file():
             parser.error(f"--resume: no saved run at {state_path}")
         saved = torch.load(state_path, weights_only=True, map_location="cpu")["args"]
+        # Runs saved before a setting existed ran with its default.
+        saved = {key: saved.get(key, parser.get_default(key)) for key in RUN_SETTINGS}
         changed = [f"--{key.replace('_', '-')} (saved {saved[key]}, given {getattr(args, key)})"
-                   for key in RUN_SETTINGS if saved.get(key) != getattr(args, key)]
+                   for key in RUN_SETTINGS if saved[key] != getattr(args, key)]
         if changed:
             parser.error("--resume: the saved run used other settings: " + ", ".join(changed))
     elif state_path.exists():
@@ -171,7 +185,7 @@ def train_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Optimi
                loss_fn=compute_losses) -> torch.Tensor:
     """One Adam step on one batch; returns the detached loss terms [3] without syncing the device."""
     terms = loss_fn(encoder, decoder, x, groups, args, generator)
-    loss = args.reconstruction_coef * terms[0] + args.kl_coef * (terms[1] + terms[2])
+    loss = args.reconstruction_coef * terms[0] + args.kl_coef * (args.style_kl_coef * terms[1] + terms[2])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -278,8 +292,9 @@ def train(args: argparse.Namespace) -> Path:
             for step in steps_bar:
                 index = perm[step * args.batch_size:(step + 1) * args.batch_size]
                 # index_select gathers rows about twice as fast as images[index] on the CPU.
-                terms = train_step(encoder, decoder, optimizer, images.index_select(0, index),
-                                   labels.index_select(0, index), args, generator, loss_fn)
+                groups = training_groups(labels.index_select(0, index), args.group_size)
+                terms = train_step(encoder, decoder, optimizer, images.index_select(0, index), groups, args,
+                                   generator, loss_fn)
                 totals += terms
                 iteration += 1
                 if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == steps_per_epoch:

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import data_loader
 from data_loader import DATASETS
 from networks import LIKELIHOODS, Decoder, Encoder
 
@@ -30,6 +31,19 @@ def group_index(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
     return inverse, counts
+
+
+def training_groups(labels: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """Group ids [B] of a training batch: one group per label (the paper), or with `group_size`, each
+    label's images split in batch order into groups of at most `group_size`."""
+    if group_size is None:
+        return labels
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(len(labels), device=labels.device) - starts[labels[order]]
+    return labels * len(labels) + rank // group_size
 
 
 def accumulate_group_evidence(class_mu: torch.Tensor, class_logvar: torch.Tensor, groups: torch.Tensor,
@@ -115,9 +129,9 @@ def reconstruction_loss(x: torch.Tensor, logits: torch.Tensor, pixel_logvar: tor
     """
     if likelihood == "bernoulli":
         return F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-    squared_error = (torch.sigmoid(logits) - x).pow(2)
     if likelihood == "mse":
-        return squared_error.sum()
+        return F.mse_loss(torch.sigmoid(logits), x, reduction="sum")
+    squared_error = (torch.sigmoid(logits) - x).pow(2)
     if likelihood == "gaussian":
         return 0.5 * torch.sum(LOG_2PI + pixel_logvar + squared_error * torch.exp(-pixel_logvar))
     raise ValueError(f"unknown likelihood {likelihood!r}")
@@ -208,6 +222,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"evaluation data (default: the model's training data from args.json, else {MODEL_DEFAULTS['dataset']})")
     add("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+
+
+def add_split_argument(parser: argparse.ArgumentParser) -> None:
+    start = data_loader.VALIDATION_START
+    parser.add_argument("--split", choices=data_loader.EVALUATION_SPLITS, default="test",
+                        help=f"test: fit on the train split, report the test split; validation: fit on train "
+                             f"images [0, {start}), report train images [{start}, end) as 'test' (for "
+                             f"choosing settings; train the model with --num-train {start})")
 
 
 def resolve_settings(args: argparse.Namespace) -> ModelSettings:

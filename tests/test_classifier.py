@@ -37,12 +37,6 @@ def test_evidence_latents_are_shared_within_a_batch_and_digit_only():
     assert not torch.equal(class_z[0], class_z[4])  # the same digit in the next batch
 
 
-def test_validation_split_holds_out_the_last_ten_thousand_train_images():
-    args = classifier.build_parser().parse_args(["--split", "validation"])
-    (train_x, train_y), (held_x, held_y) = classifier.load_splits(args, "mnist", torch.device("cpu"))
-    assert (len(train_y), len(held_y)) == (50000, 10000)
-
-
 def test_mismatched_checkpoint_gives_a_clear_error(tiny_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         classifier.main(["--checkpoint-dir", str(tiny_run), "--style-dim", "10", *FAST])

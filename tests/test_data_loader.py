@@ -87,3 +87,15 @@ def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setattr(data_loader, "_download_with_torchvision", lambda *a: None)
     with pytest.raises(data_loader.DatasetFileError, match="apt-get install -y dataset-fashion-mnist"):
         data_loader.load_split(tmp_path, "test", "fashion-mnist")
+
+
+def test_validation_split_holds_out_the_last_ten_thousand_train_images():
+    (train_x, train_y), (held_x, held_y) = data_loader.evaluation_splits(DATA, "mnist", "validation")
+    assert (len(train_y), len(held_y)) == (50000, 10000)
+    all_x, _ = data_loader.load_split(DATA, "train")
+    assert torch.equal(held_x, all_x[50000:]) and torch.equal(train_x, all_x[:50000])
+
+
+def test_unknown_evaluation_split_is_refused():
+    with pytest.raises(ValueError, match="validation"):
+        data_loader.evaluation_splits(DATA, "mnist", "dev")

@@ -48,7 +48,7 @@ def test_short_run_lowers_the_loss_and_writes_every_output(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--likelihood", "bernoulli"], ["--likelihood", "gaussian"],
                                    ["--detach-class-posterior", "--class-kl-per-sample"],
-                                   ["--precision", "bf16"]])
+                                   ["--precision", "bf16"], ["--group-size", "3", "--style-kl-coef", "4"]])
 def test_other_objectives_train(tmp_path, flags):
     rows = read_rows(run(tmp_path, "--epochs", "2", "--run-name", "r", *flags))
     assert all(torch.isfinite(torch.tensor([float(r["reconstruction"]) for r in rows])))
@@ -61,6 +61,14 @@ def test_detach_flag_leaves_the_class_heads_untrained(tmp_path):
     initial = Encoder(10, 10).state_dict()
     torch.testing.assert_close(trained["class_mu.weight"], initial["class_mu.weight"])
     assert not torch.equal(trained["style_mu.weight"], initial["style_mu.weight"])
+
+
+def test_with_detached_heads_the_form_of_the_class_kl_changes_no_weight(tmp_path):
+    # The ablation's "detach only" run and the reference's objective (detach + per-member KL) are one
+    # and the same training: once detached, the class KL reaches no trainable parameter.
+    detach_only = run(tmp_path, "--epochs", "2", "--run-name", "a", "--detach-class-posterior")
+    both = run(tmp_path, "--epochs", "2", "--run-name", "b", "--detach-class-posterior", "--class-kl-per-sample")
+    assert_same_weights(weights(detach_only), weights(both))
 
 
 def test_resume_after_epochs_matches_an_uninterrupted_run(tmp_path):
@@ -115,6 +123,7 @@ def test_help_works(capsys):
     (["--device", "tpu"], "device"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
     (["--likelihood", "poisson"], "likelihood"),
+    (["--group-size", "0"], "group-size"),
 ])
 def test_bad_flags_are_rejected(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:

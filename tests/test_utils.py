@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from utils import (ModelLoadError, accumulate_group_evidence, add_model_arguments, atomic_save,
+from utils import (ModelLoadError, training_groups, accumulate_group_evidence, add_model_arguments, atomic_save,
                    class_kl_divergence, group_wise_reparameterize, kl_divergence, load_models, reconstruction_loss)
 
 
@@ -149,3 +149,12 @@ def test_reference_weights_load_strict(reference_checkpoints):
                       "--decoder", str(reference_checkpoints / "decoder_1_var_reparam"))
     _, _, settings = load_models(args, torch.device("cpu"))
     assert settings.name == "encoder_1_var_reparam"
+
+
+def test_training_groups_split_each_label_into_groups_of_at_most_the_size():
+    labels = torch.tensor([3, 1, 3, 3, 1, 0, 3, 3])
+    assert torch.equal(training_groups(labels), labels)
+    groups = training_groups(labels, 2)
+    members = {int(g): (labels[groups == g].unique().tolist(), int((groups == g).sum())) for g in groups.unique()}
+    assert sorted(members.values()) == [([0], 1), ([1], 2), ([3], 1), ([3], 2), ([3], 2)]
+    assert groups[0] == groups[2] and groups[3] == groups[6]  # batch order within a label

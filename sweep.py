@@ -1,0 +1,117 @@
+"""Choose settings on a validation split, never on the test split.
+
+Each configuration is trained on MNIST train images [0, 50000) (`training.py --num-train 50000`) and
+measured on train images [50000, 60000) with the committed evaluation scripts: `classifier.py
+--split validation --both` (the reference's latent-classifier protocol) and `group_size.py --split
+validation --group-sizes 1` (single-image class posterior means under logistic, kNN and MLP probes).
+Runs go to sweeps/<name>/ (not committed); a finished run or evaluation is not redone.
+
+    python sweep.py --epochs 30 --jobs 2 --out results/sweep_validation.md
+    python sweep.py --configs paper group4 --epochs 5 --iterations 500    # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from networks import PIXELS
+from utils import write_text_atomic
+
+# name -> training.py flags on top of the defaults (paper-correct ML-VAE, eps std 0.1, mse).
+CONFIGS = {
+    "paper": [],
+    "bernoulli": ["--likelihood", "bernoulli"],
+    "gaussian": ["--likelihood", "gaussian"],
+    "group2": ["--group-size", "2"],
+    "stylekl2": ["--style-kl-coef", "2"],
+    "stylekl4": ["--style-kl-coef", "4"],
+    "stylekl16": ["--style-kl-coef", "16"],
+    "stylekl4_group2": ["--style-kl-coef", "4", "--group-size", "2"],
+    "dims16": ["--style-dim", "16", "--class-dim", "16"],
+}
+COLUMNS = ("config", "flags", "reconstruction", "style KL (nats/image)", "style val", "class val", "class val (evidence)",
+           "K=1 logistic", "K=1 kNN", "K=1 MLP")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS), help="configurations to run")
+    add("--epochs", type=int, default=30, help="training epochs of each configuration")
+    add("--iterations", type=int, default=5000, help="classifier.py steps of each latent classifier")
+    add("--jobs", type=int, default=2, help="configurations run at once, one CPU thread each")
+    add("--sweep-dir", type=Path, default=Path("sweeps"), help="runs are saved in <sweep-dir>/<config>/")
+    add("--out", type=Path, default=None, help="also write the Markdown table here (and a .json beside it)")
+    return parser
+
+
+def run_config(name: str, args: argparse.Namespace) -> dict:
+    """Train one configuration and evaluate it on the validation split; returns its table row."""
+    run_dir = args.sweep_dir / name
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    commands = []
+    if not (run_dir / "encoder.pt").is_file():
+        commands.append(["training.py", "--num-train", "50000", "--epochs", str(args.epochs), "--no-progress",
+                         "--checkpoint-dir", str(args.sweep_dir), "--run-name", name, "--save-every",
+                         str(args.epochs), *CONFIGS[name]])
+    evaluation = ["--checkpoint-dir", str(run_dir), "--split", "validation"]
+    if not (run_dir / "classifier.json").is_file():
+        commands.append(["classifier.py", *evaluation, "--both", "--iterations", str(args.iterations),
+                         "--no-progress", "--json", str(run_dir / "classifier.json")])
+    if not (run_dir / "group_size.json").is_file():
+        commands.append(["group_size.py", *evaluation, "--group-sizes", "1",
+                         "--json", str(run_dir / "group_size.json")])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "sweep.log", "a") as log:
+        for command in commands:
+            print(f"[{name}] python {' '.join(command)}", flush=True)
+            subprocess.run([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    without, with_evidence = json.loads((run_dir / "classifier.json").read_text())
+    probes = json.loads((run_dir / "group_size.json").read_text())
+    with open(run_dir / "log.csv") as file:
+        last_epoch = list(csv.DictReader(file))[-1]
+    # log.csv divides each term by 784 pixels; times 784 is the style code's information per image.
+    return {"config": name, "flags": " ".join(CONFIGS[name]) or "(defaults)",
+            "reconstruction": float(last_epoch["reconstruction"]),
+            "style KL (nats/image)": PIXELS * float(last_epoch["style_kl"]),
+            "style val": without["style_test"], "class val": without["class_test"],
+            "class val (evidence)": with_evidence["class_test"], "K=1 logistic": probes["logistic"][0],
+            "K=1 kNN": probes["knn"][0], "K=1 MLP": probes["mlp"][0]}
+
+
+def markdown_table(rows: list[dict], epochs: int) -> str:
+    lines = [f"Validation split (train images 50000-59999), {epochs}-epoch runs on train images 0-49999. "
+             "reconstruction: the last epoch's mean per-pixel loss term (its scale depends on the likelihood).",
+             "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    for row in rows:
+        cells = [row["config"], f"`{row['flags']}`", f"{row['reconstruction']:.5f}",
+                 f"{row['style KL (nats/image)']:.2f}",
+                 *(f"{row[key]:.2f}" for key in COLUMNS[4:])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.iterations < 1 or args.jobs < 1:
+        parser.error("--epochs, --iterations and --jobs must be at least 1")
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(lambda name: run_config(name, args), args.configs))
+    table = markdown_table(rows, args.epochs)
+    print(table)
+    if args.out:
+        write_text_atomic(args.out, table)
+        write_text_atomic(args.out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
