@@ -26,13 +26,13 @@ import torch
 import data_loader
 import training
 from networks import HIDDEN, PIXELS, Decoder, Encoder
+from utils import script_parser
 
 MNIST_TRAIN = 60000
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     add = parser.add_argument
     add("--batch-size", type=int, default=256, help="images per training step")
     add("--steps", type=int, default=200, help="timed training steps per configuration")

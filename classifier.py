@@ -26,7 +26,8 @@ from tqdm import tqdm
 import data_loader
 from networks import Classifier, init_reference_
 from utils import (accumulate_group_evidence, add_model_arguments, add_split_argument, batch_groups,
-                   device_and_models, encode, group_wise_reparameterize, reparameterize, write_text_atomic)
+                   device_and_models, encode, group_wise_reparameterize, reparameterize, script_parser,
+                   write_text_atomic)
 
 NUM_CLASSES = 10
 COLUMNS = ("eps std", "style dim", "class dim", "evidence", "style train", "style test", "class train",
@@ -35,8 +36,7 @@ ACCURACY_KEYS = ("style_train", "style_test", "class_train", "class_test")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_arguments(parser)
     add = parser.add_argument
     add("--accumulate-evidence", action="store_true",

@@ -16,12 +16,12 @@ import json
 import torch
 
 import data_loader
-from utils import add_model_arguments, device_and_models, encode, fused_means, write_text_atomic
+from utils import (add_model_arguments, device_and_models, encode, fused_means, script_parser,
+                   write_text_atomic)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_arguments(parser)
     parser.set_defaults(checkpoint_dir="checkpoints/mlvae_eps0.1_classes01234567")
     parser.add_argument("--held-out", type=int, nargs="+", default=[8, 9], help="labels unseen in training")

@@ -28,14 +28,13 @@ from sklearn.neighbors import KNeighborsClassifier
 import data_loader
 from networks import Classifier
 from utils import (add_model_arguments, add_split_argument, device_and_models, draw_evidence_sets, encode,
-                   fused_means, write_text_atomic)
+                   fused_means, save_figure, script_parser, write_text_atomic)
 
 GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_arguments(parser)
     add_split_argument(parser)
     parser.add_argument("--group-sizes", type=int, nargs="+", default=list(GROUP_SIZES), help="values of K")
@@ -115,9 +114,7 @@ def plot_curves(all_results: list[dict], out: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 from torchvision.utils import save_image
 
 import data_loader
-from utils import accumulate_group_evidence, add_model_arguments, device_and_models, encode
+from utils import accumulate_group_evidence, add_model_arguments, device_and_models, encode, script_parser
 
 NUM_DIGITS = 10
 CELL = 28  # pixels of one image
@@ -35,8 +35,7 @@ EVIDENCE_BATCH = 256  # the reference accumulates the evidence of one random tes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_arguments(parser)
     add = parser.add_argument
     add("--reference", choices=("fixed", "random"), default="fixed",

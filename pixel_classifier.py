@@ -14,12 +14,11 @@ from tqdm import tqdm
 
 import data_loader
 from networks import PixelClassifier
-from utils import atomic_save, pick_device
+from utils import atomic_save, pick_device, script_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--dataset", choices=sorted(data_loader.DATASETS), default="mnist", help="data set")
     parser.add_argument("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
     parser.add_argument("--epochs", type=int, default=8, help="passes over the training split")
@@ -50,8 +49,12 @@ def load_pixel_classifier(path: str | Path, device: torch.device) -> PixelClassi
 
 
 def main(argv: list[str] | None = None) -> float:
-    args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     images, labels = data_loader.load_split(args.data_dir, "train", args.dataset, device)

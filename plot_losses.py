@@ -19,14 +19,13 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 
 from training import read_log
-from utils import DEFAULT_RUN
+from utils import DEFAULT_RUN, save_figure, script_parser
 
 TERMS = {"reconstruction": "reconstruction", "style_kl": "style KL", "class_kl": "class KL"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--checkpoint-dir", nargs="+", default=[DEFAULT_RUN],
                         help="run folders, each holding a log.csv written by training.py")
     parser.add_argument("--out", default=None, help="PNG path (default: losses.png in the first run folder)")
@@ -47,9 +46,7 @@ def plot_losses(logs: dict[str, list[dict]], out: Path, log_scale: bool = False)
     axes[0].set_ylabel("per-epoch mean / (batch * 784)")
     axes[0].legend()
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -23,12 +23,11 @@ import torch
 import data_loader
 from pixel_classifier import load_pixel_classifier, predict
 from utils import (add_model_arguments, device_and_models, draw_evidence_sets, encode, fused_means,
-                   write_text_atomic)
+                   script_parser, write_text_atomic)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_arguments(parser)
     parser.add_argument("--pixel-classifier", default=None,
                         help="CNN weights (default: checkpoints/pixel_classifier_<dataset>.pt)")

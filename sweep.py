@@ -20,8 +20,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from data_loader import VALIDATION_START
 from networks import PIXELS
-from utils import write_text_atomic
+from utils import script_parser, write_text_atomic
 
 # name -> training.py flags on top of the defaults (paper-correct ML-VAE, eps std 0.1, mse).
 CONFIGS = {
@@ -40,11 +41,12 @@ COLUMNS = ("config", "flags", "reconstruction", "style KL (nats/image)", "style 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     add = parser.add_argument
     add("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS), help="configurations to run")
     add("--epochs", type=int, default=30, help="training epochs of each configuration")
+    add("--num-train", type=int, default=VALIDATION_START,
+        help=f"train on train images [0, N); at most {VALIDATION_START}, so the validation images stay unseen")
     add("--iterations", type=int, default=5000, help="classifier.py steps of each latent classifier")
     add("--jobs", type=int, default=2, help="configurations run at once, one CPU thread each")
     add("--sweep-dir", type=Path, default=Path("sweeps"), help="runs are saved in <sweep-dir>/<config>/")
@@ -58,7 +60,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     commands = []
     if not (run_dir / "encoder.pt").is_file():
-        commands.append(["training.py", "--num-train", "50000", "--epochs", str(args.epochs), "--no-progress",
+        commands.append(["training.py", "--num-train", str(args.num_train), "--epochs", str(args.epochs), "--no-progress",
                          "--checkpoint-dir", str(args.sweep_dir), "--run-name", name, "--save-every",
                          str(args.epochs), *CONFIGS[name]])
     evaluation = ["--checkpoint-dir", str(run_dir), "--split", "validation"]
@@ -86,8 +88,9 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
             "K=1 kNN": probes["knn"][0], "K=1 MLP": probes["mlp"][0]}
 
 
-def markdown_table(rows: list[dict], epochs: int) -> str:
-    lines = [f"Validation split (train images 50000-59999), {epochs}-epoch runs on train images 0-49999. "
+def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
+    lines = [f"Validation split (train images {VALIDATION_START}-59999), {args.epochs}-epoch runs on train images "
+             f"0-{args.num_train - 1}. "
              "reconstruction: the last epoch's mean per-pixel loss term (its scale depends on the likelihood).",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     for row in rows:
@@ -103,9 +106,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.iterations < 1 or args.jobs < 1:
         parser.error("--epochs, --iterations and --jobs must be at least 1")
+    if not 256 <= args.num_train <= VALIDATION_START:
+        parser.error(f"--num-train must lie in [256, {VALIDATION_START}]: the validation images must stay unseen")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(lambda name: run_config(name, args), args.configs))
-    table = markdown_table(rows, args.epochs)
+    table = markdown_table(rows, args)
     print(table)
     if args.out:
         write_text_atomic(args.out, table)

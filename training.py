@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 import data_loader
 from networks import LIKELIHOODS, PIXELS, Decoder, Encoder
-from utils import (accumulate_group_evidence, atomic_save, class_kl_divergence, group_index, group_wise_reparameterize,
-                   kl_divergence, pick_device, reconstruction_loss, reparameterize, training_groups,
-                   write_text_atomic)
+from utils import (accumulate_group_evidence, atomic_save, class_kl_divergence, group_index,
+                   group_wise_reparameterize, kl_divergence, pick_device, reconstruction_loss, reparameterize,
+                   script_parser, training_groups, write_text_atomic)
 
 LOG_FIELDS = ("epoch", "iteration", "reconstruction", "style_kl", "class_kl", "images_per_s")
 # Settings that define the model and its objective: a resumed run must keep them.
@@ -46,8 +46,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     add = parser.add_argument
     add("--epochs", type=int, default=400, help="total epochs (a resumed run continues up to this)")
     add("--batch-size", type=int, default=256, help="images per minibatch; a group = one digit in it")

@@ -24,14 +24,14 @@ import torch
 from sklearn.manifold import TSNE
 
 import data_loader
-from utils import accumulate_group_evidence, add_model_arguments, batch_groups, device_and_models, encode
+from utils import (accumulate_group_evidence, add_model_arguments, batch_groups, device_and_models, encode,
+                   save_figure, script_parser)
 
 NUM_DIGITS = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_arguments(parser)
     add = parser.add_argument
     add("--num-samples", type=int, default=2500,
@@ -65,9 +65,7 @@ def plot(embeddings: dict[str, np.ndarray], labels: np.ndarray, title: str, out:
     fig.legend(handles, names, loc="center right", title="digit", markerscale=4, frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.95, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -199,6 +199,21 @@ class ModelSettings:
         return path.parent.name if path.name == "encoder.pt" else path.name.removesuffix(".pt")
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser each script starts from: its docstring's first paragraph, and defaults shown in --help."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def save_figure(fig, out: str | Path, dpi: int = 100) -> None:
+    """Write a matplotlib figure to `out` (making its folder) and free it."""
+    import matplotlib.pyplot as plt
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that choose a trained model, the data it is evaluated on and the device.
 

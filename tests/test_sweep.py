@@ -1,0 +1,29 @@
+"""sweep.py end to end on a tiny training set: trains, evaluates on the validation split, tabulates."""
+import json
+
+import pytest
+
+import sweep
+
+
+def test_sweep_trains_evaluates_and_tabulates_without_redoing_work(tmp_path, capsys):
+    argv = ["--configs", "paper", "stylekl4", "--epochs", "1", "--num-train", "512", "--iterations", "20",
+            "--jobs", "2", "--sweep-dir", str(tmp_path / "sw"), "--out", str(tmp_path / "table.md")]
+    rows = sweep.main(argv)
+    assert [row["config"] for row in rows] == ["paper", "stylekl4"]
+    for row in rows:
+        assert 0 <= row["style val"] <= 100 and 0 <= row["K=1 logistic"] <= 100
+        assert row["style KL (nats/image)"] > 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| stylekl4 | `--style-kl-coef 4` |" in table and "0-511" in table
+    assert json.loads((tmp_path / "table.json").read_text()) == rows
+    log = (tmp_path / "sw" / "paper" / "sweep.log").stat().st_mtime
+    assert sweep.main(argv) == rows  # everything cached: nothing is trained or evaluated again
+    assert (tmp_path / "sw" / "paper" / "sweep.log").stat().st_mtime == log
+
+
+def test_training_on_validation_images_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--num-train", "60000"])
+    assert exit_info.value.code == 2
+    assert "validation" in capsys.readouterr().err
