@@ -257,12 +257,23 @@ def benchmark_device(device: torch.device, options: argparse.Namespace) -> tuple
     return rows + [baseline], list(bounds.values())
 
 
-def cpu_name() -> str:
-    """The CPU's model name where Linux tells it (platform.processor() only says x86_64)."""
+def cpuinfo_field(name: str) -> str | None:
+    """The first value of a /proc/cpuinfo field, or None off Linux."""
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
+    values = [line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == name]
+    return values[0] if values else None
+
+
+def cpu_name() -> str:
+    """The CPU's model name where Linux tells it (platform.processor() only says x86_64)."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_bf16_units() -> list[str]:
+    """The CPU's bf16 matrix instructions (AMX, AVX512-BF16); without them bf16 matmuls are emulated."""
+    flags = (cpuinfo_field("flags") or "").split()
+    return [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags]
 
 
 def devices(name: str) -> list[torch.device]:
@@ -296,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     defaults = step_args(options.batch_size, "fp32", torch.device("cpu"), False)
     flops = step_flops(options.batch_size, defaults.style_dim, defaults.class_dim)
     results = {"rows": [], "bounds": [], "batch_size": options.batch_size, "step_flops": flops,
-               "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(),
+               "machine": {"cpu": cpu_name(), "cpu_bf16_units": cpu_bf16_units(), "cpu_count": os.cpu_count(),
                            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                            "load_average_at_start": os.getloadavg(),
                            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
@@ -305,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["rows"] += rows
         results["bounds"] += bounds
     results["machine"]["load_average_at_end"] = os.getloadavg()
+    print(f"{results['machine']['cpu']}, bf16 units: {', '.join(results['machine']['cpu_bf16_units']) or 'none'}")
     print(f"batch {options.batch_size}, {flops / 1e9:.3f} GFLOP per step (forward + backward matmuls), "
           f"{results['machine']['torch_threads']} CPU threads, load average "
           f"{results['machine']['load_average_at_start'][0]:.1f} at start")
@@ -314,6 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"note: load average {load:.1f} on {os.cpu_count()} cores: other processes share the CPU, so the "
               "times are slower than on a quiet machine; the ratios (of bound, vs loops) were taken under the "
               "same load. Try --threads 1 on a busy machine.")
+    if "bf16" in options.precision and not results["machine"]["cpu_bf16_units"] and cpuinfo_field("flags"):
+        print(f"note: {results['machine']['cpu']} has no bf16 matrix units (amx_bf16, avx512_bf16): its bf16 "
+              "matmuls are emulated, so --precision bf16 is slower than fp32 on this CPU.")
     if options.json is not None:
         options.json.parent.mkdir(parents=True, exist_ok=True)
         options.json.write_text(json.dumps(results, indent=1) + "\n")
