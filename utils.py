@@ -129,9 +129,9 @@ def reconstruction_loss(x: torch.Tensor, logits: torch.Tensor, pixel_logvar: tor
     """
     if likelihood == "bernoulli":
         return F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-    if likelihood == "mse":
-        return F.mse_loss(torch.sigmoid(logits), x, reduction="sum")
     squared_error = (torch.sigmoid(logits) - x).pow(2)
+    if likelihood == "mse":
+        return squared_error.sum()
     if likelihood == "gaussian":
         return 0.5 * torch.sum(LOG_2PI + pixel_logvar + squared_error * torch.exp(-pixel_logvar))
     raise ValueError(f"unknown likelihood {likelihood!r}")
