@@ -1,10 +1,10 @@
 """Class-code accuracy on held-out images as a function of the number K of images whose evidence is fused.
 
-For every test image (the query; with --split validation, every image of the validation split), K-1 OTHER images of its digit are drawn at random; the class
-posteriors of the query and those K-1 images are fused by group evidence accumulation, and the fused
-posterior mean is classified. K = 1 is the query alone. Three probes, all trained once on the
-single-image class posterior means of the training images: logistic regression, 5-nearest neighbours and the
-reference's MLP. Nothing here groups a test batch by label, so no probe can read the label off the
+For every test image (the query; with --split validation, every validation image), K-1 OTHER images
+of its digit are drawn at random; the class posteriors of the query and those K-1 images are fused
+by group evidence accumulation, and the fused posterior mean is classified. K = 1 is the query
+alone. Three probes, all trained once on the single-image class posterior means of the training
+images: logistic regression, 5-nearest neighbours and the reference's MLP. Nothing here groups a test batch by label, so no probe can read the label off the
 batch layout.
 
     python group_size.py --json images/group_size_mlvae_eps0.1.json

@@ -20,8 +20,8 @@ PIXEL_LOGVAR_BOUND = 5.0
 
 
 class _SigmoidTanh(torch.autograd.Function):
-    """tanh(x) = 2 sigmoid(2x) - 1. Same function, same gradient; about twice as fast as torch.tanh on
-    CPUs without AVX-512, where tanh is the largest cost of a training step after the matmuls."""
+    """tanh(x) = 2 sigmoid(2x) - 1. Same function, same gradient; on the AVX2 CPU this repository is
+    measured on, 0.15 ms per [256, 500] call against 0.27 ms for torch.tanh (see README, Speed)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:

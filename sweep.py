@@ -7,7 +7,7 @@ validation --group-sizes 1` (single-image class posterior means under logistic, 
 Runs go to sweeps/<name>/ (not committed); a finished run or evaluation is not redone.
 
     python sweep.py --epochs 30 --jobs 2 --out results/sweep_validation.md
-    python sweep.py --configs paper group4 --epochs 5 --iterations 500    # a quick look
+    python sweep.py --configs paper stylekl4 --epochs 5 --iterations 500    # a quick look
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ CONFIGS = {
     "stylekl4_group2": ["--style-kl-coef", "4", "--group-size", "2"],
     "dims16": ["--style-dim", "16", "--class-dim", "16"],
 }
-COLUMNS = ("config", "flags", "reconstruction", "style KL (nats/image)", "style val", "class val", "class val (evidence)",
-           "K=1 logistic", "K=1 kNN", "K=1 MLP")
+COLUMNS = ("config", "flags", "reconstruction", "style KL (nats/image)", "style val", "class val",
+           "class val (evidence)", "K=1 logistic", "K=1 kNN", "K=1 MLP")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +60,9 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     commands = []
     if not (run_dir / "encoder.pt").is_file():
-        commands.append(["training.py", "--num-train", str(args.num_train), "--epochs", str(args.epochs), "--no-progress",
-                         "--checkpoint-dir", str(args.sweep_dir), "--run-name", name, "--save-every",
-                         str(args.epochs), *CONFIGS[name]])
+        commands.append(["training.py", "--num-train", str(args.num_train), "--epochs", str(args.epochs),
+                         "--no-progress", "--checkpoint-dir", str(args.sweep_dir), "--run-name", name,
+                         "--save-every", str(args.epochs), *CONFIGS[name]])
     evaluation = ["--checkpoint-dir", str(run_dir), "--split", "validation"]
     if not (run_dir / "classifier.json").is_file():
         commands.append(["classifier.py", *evaluation, "--both", "--iterations", str(args.iterations),
@@ -89,8 +89,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
 
 
 def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"Validation split (train images {VALIDATION_START}-59999), {args.epochs}-epoch runs on train images "
-             f"0-{args.num_train - 1}. "
+    lines = [f"Validation split (train images {VALIDATION_START}-59999), {args.epochs}-epoch runs on train "
+             f"images 0-{args.num_train - 1}. "
              "reconstruction: the last epoch's mean per-pixel loss term (its scale depends on the likelihood).",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     for row in rows:
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.epochs < 1 or args.iterations < 1 or args.jobs < 1:
         parser.error("--epochs, --iterations and --jobs must be at least 1")
     if not 256 <= args.num_train <= VALIDATION_START:
-        parser.error(f"--num-train must lie in [256, {VALIDATION_START}]: the validation images must stay unseen")
+        parser.error(f"--num-train must lie in [256, {VALIDATION_START}]: "
+                     "the validation images must stay unseen")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(lambda name: run_config(name, args), args.configs))
     table = markdown_table(rows, args)

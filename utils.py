@@ -17,8 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import data_loader
-from data_loader import DATASETS
+from data_loader import DATASETS, EVALUATION_SPLITS, VALIDATION_START
 from networks import LIKELIHOODS, Decoder, Encoder
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -240,8 +239,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_split_argument(parser: argparse.ArgumentParser) -> None:
-    start = data_loader.VALIDATION_START
-    parser.add_argument("--split", choices=data_loader.EVALUATION_SPLITS, default="test",
+    start = VALIDATION_START
+    parser.add_argument("--split", choices=EVALUATION_SPLITS, default="test",
                         help=f"test: fit on the train split, report the test split; validation: fit on train "
                              f"images [0, {start}), report train images [{start}, end) as 'test' (for "
                              f"choosing settings; train the model with --num-train {start})")
