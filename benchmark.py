@@ -5,6 +5,8 @@ The step timed is `training.train_step` itself, on MNIST batches indexed from a 
 network's own GEMM shapes (fp32 and bf16), turns an explicit count of the forward and backward FLOPs
 into the fastest a step could be, and times a baseline that accumulates group evidence and draws the
 grouped noise the way the reference does: Python loops over the samples with per-group dicts.
+The bound and the steps are timed in interleaved rounds and each keeps its fastest round, so that on a
+shared machine they are compared under the same conditions.
 
     python benchmark.py --json benchmark.json               # the full table, CPU (and CUDA when present)
     python benchmark.py --precision bf16 --compile          # also time torch.compile'd steps
@@ -12,13 +14,16 @@ grouped noise the way the reference does: Python loops over the samples with per
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 from unittest import mock
 
 import torch
@@ -35,10 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     add = parser.add_argument
     add("--batch-size", type=int, default=256, help="images per training step")
-    add("--steps", type=int, default=200, help="timed training steps per configuration")
+    add("--steps", type=int, default=200, help="timed training steps per configuration, spread over the rounds")
     add("--warmup", type=int, default=20, help="untimed steps first (allocator, oneDNN and autotuning caches)")
-    add("--repeats", type=int, default=5,
-        help="the timed steps are cut into this many runs and the fastest is kept, as timeit does")
+    add("--rounds", type=int, default=10,
+        help="rounds of measurement; each round times the bound and every configuration once, and each "
+             "one's fastest round is kept, as timeit does")
+    add("--bound-calls", type=int, default=10, help="calls of each matmul per round, for the FLOP bound")
     add("--baseline-steps", type=int, default=20, help="timed steps of the slow loop baseline")
     add("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
         help="precisions of our step to time (bf16 = autocast, as training.py --precision bf16)")
@@ -91,34 +98,44 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_time(fn, device: torch.device, calls: int, repeats: int) -> float:
-    """Seconds per call of `fn`: the fastest of `repeats` runs of `calls` calls each."""
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        synchronize(device)
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
+def seconds_per_call(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Mean wall-clock seconds of `calls` back-to-back calls of `fn`."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
 
 
-def gemm_bound(batch: int, style_dim: int, class_dim: int, dtype: torch.dtype, device: torch.device,
-               repeats: int) -> dict:
-    """Time each of the step's matmuls alone at its own shape and dtype; their sum is the step's bound."""
+def fastest_in_rounds(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run every timer once per round, for `rounds` rounds; returns each timer's measurements.
+
+    Interleaving matters on a shared machine: the bound and every configuration meet the same quiet
+    and busy spells, so the fastest of each (as timeit keeps) are taken under comparable conditions.
+    """
+    measured = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            measured[name].append(timer())
+    return measured
+
+
+def gemm_bound_timer(batch: int, style_dim: int, class_dim: int, dtype: torch.dtype, device: torch.device,
+                     calls: int) -> Callable[[], float]:
+    """A timer of the step's FLOP bound: each of the step's matmuls run alone, `calls` times, at its own
+    shape, memory layout and dtype; one call of the timer returns the sum of their per-call seconds."""
     generator = torch.Generator(device=device).manual_seed(0)
-    seconds = 0.0
+    operands = []
     for _, m, k, n, transposed in step_gemms(batch, style_dim, class_dim):
         a = torch.randn((k, m) if transposed else (m, k), generator=generator, device=device).to(dtype)
         a = a.t() if transposed else a
         b = torch.randn(k, n, generator=generator, device=device).to(dtype)
         out = torch.empty(m, n, device=device, dtype=dtype)
         torch.mm(a, b, out=out)  # warm-up: oneDNN picks and caches its kernel on the first call
-        seconds += best_time(lambda: torch.mm(a, b, out=out), device, calls=20, repeats=repeats)
-    flops = step_flops(batch, style_dim, class_dim)
-    return {"dtype": str(dtype).removeprefix("torch."), "device": str(device), "step_flops": flops,
-            "bound_ms": 1e3 * seconds, "gflops": flops / seconds / 1e9}
+        operands.append((a, b, out))
+    return lambda: sum(seconds_per_call(functools.partial(torch.mm, a, b, out=out), device, calls)
+                       for a, b, out in operands)
 
 
 # ---- the reference-style loop baseline -----------------------------------------------------------
@@ -195,9 +212,10 @@ def step_args(batch: int, precision: str, device: torch.device, compile_: bool) 
         return training.parse_args(flags + ["--compile"] * compile_)
 
 
-def time_training_step(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, steps: int,
-                       warmup: int, repeats: int) -> dict:
-    """Seconds per training.train_step, with batches indexed from a permutation as training.train does."""
+def training_step_timer(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, warmup: int,
+                        calls: int) -> tuple[Callable[[], float], float]:
+    """A timer of `calls` training.train_step calls, on batches indexed from a permutation as
+    training.train does, and the seconds its `warmup` untimed steps took (compilation included)."""
     device = args.device
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -216,14 +234,15 @@ def time_training_step(images: torch.Tensor, labels: torch.Tensor, args: argpars
         training.train_step(encoder, decoder, optimizer, images.index_select(0, index),
                             labels.index_select(0, index), args, generator, loss_fn)
 
-    start = time.perf_counter()
-    for _ in range(warmup):
-        one_step()
-    synchronize(device)
-    warmup_s = time.perf_counter() - start
-    seconds = best_time(one_step, device, calls=max(steps // repeats, 1), repeats=repeats)
-    return {"ms_per_step": 1e3 * seconds, "images_per_s": args.batch_size / seconds,
-            "s_per_epoch": (MNIST_TRAIN // args.batch_size) * seconds, "warmup_s": warmup_s}
+    warmup_s = seconds_per_call(one_step, device, warmup) * warmup if warmup > 0 else 0.0
+    return lambda: seconds_per_call(one_step, device, calls), warmup_s
+
+
+def step_row(name: str, seconds: list[float], batch: int, **fields) -> dict:
+    """A table row from a configuration's per-round seconds per step (the fastest round counts)."""
+    best = min(seconds)
+    return {"name": name, "ms_per_step": 1e3 * best, "ms_per_step_median": 1e3 * statistics.median(seconds),
+            "images_per_s": batch / best, "s_per_epoch": (MNIST_TRAIN // batch) * best, **fields}
 
 
 def benchmark_device(device: torch.device, options: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -231,30 +250,39 @@ def benchmark_device(device: torch.device, options: argparse.Namespace) -> tuple
     images = images.reshape(len(images), PIXELS)
     defaults = step_args(options.batch_size, "fp32", device, False)
     flops = step_flops(options.batch_size, defaults.style_dim, defaults.class_dim)
-    bounds = {precision: gemm_bound(options.batch_size, defaults.style_dim, defaults.class_dim,
-                                    {"fp32": torch.float32, "bf16": torch.bfloat16}[precision], device,
-                                    options.repeats)
-              for precision in ("fp32", "bf16")}
-    rows = []
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    timers = {f"bound {precision}": gemm_bound_timer(options.batch_size, defaults.style_dim, defaults.class_dim,
+                                                     dtype, device, options.bound_calls)
+              for precision, dtype in dtypes.items()}
+    configurations, warmups = {}, {}
+    calls = max(options.steps // options.rounds, 1)
     for precision in options.precision:
         for compile_ in (False, True) if options.compile else (False,):
+            name = f"ML-VAE step, {precision}" + " + compile" * compile_
             args = step_args(options.batch_size, precision, device, compile_)
-            row = time_training_step(images, labels, args, options.steps, options.warmup, options.repeats)
-            row.update(name=f"ML-VAE step, {precision}" + " + compile" * compile_, precision=precision,
-                       compile=compile_)
-            rows.append(row)
+            timers[name], warmups[name] = training_step_timer(images, labels, args, options.warmup, calls)
+            configurations[name] = {"precision": precision, "compile": compile_}
+    measured = fastest_in_rounds(timers, options.rounds)
+    bounds = {precision: {"dtype": str(dtype).removeprefix("torch."), "device": str(device), "step_flops": flops,
+                          "bound_ms": 1e3 * min(measured[f"bound {precision}"]),
+                          "bound_ms_median": 1e3 * statistics.median(measured[f"bound {precision}"])}
+              for precision, dtype in dtypes.items()}
+    for bound in bounds.values():
+        bound["gflops"] = flops / (bound["bound_ms"] / 1e3) / 1e9
+    rows = [step_row(name, measured[name], options.batch_size, warmup_s=warmups[name], **fields)
+            for name, fields in configurations.items()]
     with loop_baseline():
         args = step_args(options.batch_size, "fp32", device, False)
-        # A few warm-up steps suffice: its time is Python, and each of its steps costs ~0.1 s.
-        baseline = time_training_step(images, labels, args, options.baseline_steps,
-                                      warmup=min(options.warmup, 3), repeats=1)
-    baseline.update(name="loop baseline, fp32", precision="fp32", compile=False)
-    for row in rows + [baseline]:
-        bound = bounds[row["precision"]]
+        # One round of a few steps suffices: its time is Python, and each of its steps costs ~0.1 s.
+        timer, warmup_s = training_step_timer(images, labels, args, min(options.warmup, 3), options.baseline_steps)
+        rows.append(step_row("loop baseline, fp32", [timer()], options.batch_size, warmup_s=warmup_s,
+                             precision="fp32", compile=False))
+    baseline_ms = rows[-1]["ms_per_step"]
+    for row in rows:
         row.update(device=str(device), gflops=flops / (row["ms_per_step"] / 1e3) / 1e9,
-                   share_of_bound=bound["bound_ms"] / row["ms_per_step"],
-                   speedup_over_loops=baseline["ms_per_step"] / row["ms_per_step"])
-    return rows + [baseline], list(bounds.values())
+                   share_of_bound=bounds[row["precision"]]["bound_ms"] / row["ms_per_step"],
+                   speedup_over_loops=baseline_ms / row["ms_per_step"])
+    return rows, list(bounds.values())
 
 
 def cpuinfo_field(name: str) -> str | None:
@@ -298,7 +326,7 @@ def format_table(rows: list[dict], bounds: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     options = parser.parse_args(argv)
-    for flag in ("batch_size", "steps", "repeats", "baseline_steps"):
+    for flag in ("batch_size", "steps", "rounds", "bound_calls", "baseline_steps"):
         if getattr(options, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if options.threads is not None:

@@ -46,6 +46,14 @@ def test_loop_noise_is_one_draw_per_label_shared_by_its_members():
     assert not torch.allclose(z[0], z[2]) and not torch.allclose(z[2], z[3])
 
 
+def test_rounds_interleave_the_timers_and_keep_every_measurement():
+    calls = []
+    timers = {name: (lambda name=name: calls.append(name) or len(calls)) for name in ("bound", "step")}
+    measured = benchmark.fastest_in_rounds(timers, rounds=3)
+    assert calls == ["bound", "step"] * 3
+    assert measured == {"bound": [1, 3, 5], "step": [2, 4, 6]}
+
+
 def test_flop_count_matches_the_networks_shapes():
     # Forward: 784*500 + 500*40 + 20*500 + 500*784 multiply-adds per image; backward twice that,
     # less the gradient of the pixels.
@@ -80,7 +88,7 @@ def test_compile_trains_to_the_fp32_loss(tmp_path, fp32_loss, monkeypatch):
 
 def test_benchmark_writes_the_table_as_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    benchmark.main(["--steps", "2", "--warmup", "1", "--repeats", "1", "--baseline-steps", "1",
+    benchmark.main(["--steps", "2", "--warmup", "1", "--rounds", "2", "--bound-calls", "1", "--baseline-steps", "1",
                     "--batch-size", "64", "--device", "cpu", "--json", str(path)])
     results = json.loads(path.read_text())
     names = [row["name"] for row in results["rows"]]

@@ -111,6 +111,17 @@ def test_reconstruction_losses():
     assert gaussian == pytest.approx(0.5 * (3 * math.log(2 * math.pi) + 0.5))
 
 
+def test_mse_loss_and_its_written_out_gradient_match_autograd():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(6, 5, generator=gen, dtype=torch.float64)
+    loss = reconstruction_loss(x, logits, None, "mse")
+    plain = (torch.sigmoid(logits) - x).pow(2).sum()
+    torch.testing.assert_close(loss, plain)
+    torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(plain, logits)[0])
+    assert torch.autograd.gradcheck(lambda t: reconstruction_loss(x, t, None, "mse"), (logits,))
+
+
 def test_atomic_save_leaves_no_temporary_file(tmp_path):
     atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
