@@ -29,9 +29,8 @@ from tqdm import tqdm
 
 import data_loader
 from networks import LIKELIHOODS, PIXELS, Decoder, Encoder
-from utils import (accumulate_group_evidence, atomic_save, class_kl_divergence, group_index,
-                   group_wise_reparameterize, kl_divergence, pick_device, reconstruction_loss, reparameterize,
-                   script_parser, training_groups, write_text_atomic)
+from utils import (atomic_save, fused_latent_layer, group_index, pick_device, reconstruction_loss, script_parser,
+                   training_groups, write_text_atomic)
 
 LOG_FIELDS = ("epoch", "iteration", "reconstruction", "style_kl", "class_kl", "images_per_s")
 # Settings that define the model and its objective: a resumed run must keep them.
@@ -154,28 +153,21 @@ def compute_losses(encoder: Encoder, decoder: Decoder, x: torch.Tensor, groups: 
     """The three ML-VAE loss terms [reconstruction, style KL, class KL] of one batch, each divided by
     batch*784 as the reference does, so that values compare with its logs."""
     x = x.reshape(x.shape[0], PIXELS)
-    # One torch.unique per step, shared by the three grouped terms: it syncs and, under --compile,
-    # splits the graph (its output size depends on the data).
+    # One torch.unique per step: it syncs and, under --compile, splits the graph (its output size
+    # depends on the data).
     index = group_index(groups)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         style_mu, style_logvar, class_mu, class_logvar = encoder(x)
     style_mu, style_logvar, class_mu, class_logvar = (
         t.float() for t in (style_mu, style_logvar, class_mu, class_logvar))
-    if args.detach_class_posterior:
-        class_mu, class_logvar = class_mu.detach(), class_logvar.detach()
-    group_mu, group_logvar = accumulate_group_evidence(class_mu, class_logvar, groups, index)
-    style_z = reparameterize(style_mu, style_logvar, generator=generator)
-    class_z = group_wise_reparameterize(group_mu, group_logvar, groups, args.eps_std, generator=generator,
-                                        index=index)
+    style_z, class_z, style_kl, class_kl = fused_latent_layer(
+        style_mu, style_logvar, class_mu, class_logvar, groups, args.eps_std, args.class_kl_per_sample,
+        args.detach_class_posterior, generator, index)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         logits, pixel_logvar = decoder.logits(style_z, class_z)
     logits = logits.float()
     pixel_logvar = None if pixel_logvar is None else pixel_logvar.float()
-    terms = torch.stack([
-        reconstruction_loss(x, logits, pixel_logvar, args.likelihood),
-        kl_divergence(style_mu, style_logvar).sum(),
-        class_kl_divergence(group_mu, group_logvar, groups, per_sample=args.class_kl_per_sample, index=index),
-    ])
+    terms = torch.stack([reconstruction_loss(x, logits, pixel_logvar, args.likelihood), style_kl, class_kl])
     return terms / (x.shape[0] * PIXELS)
 
 

@@ -118,6 +118,99 @@ def class_kl_divergence(group_mu: torch.Tensor, group_logvar: torch.Tensor, grou
     return (kl / counts.index_select(0, inverse).to(kl.dtype)).sum()
 
 
+def latent_layer(style_mu: torch.Tensor, style_logvar: torch.Tensor, class_mu: torch.Tensor,
+                 class_logvar: torch.Tensor, groups: torch.Tensor, eps_std: float,
+                 class_kl_per_sample: bool = False, detach_class_posterior: bool = False,
+                 generator: torch.Generator | None = None,
+                 index: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The latent layer of one training batch, from the encoder's posteriors to the decoder's codes:
+    (style sample [B, S], its group's class sample [B, C], summed style KL, summed class KL).
+
+    Written as the composition of the functions above. `fused_latent_layer` computes the same values
+    and gradients in one autograd node. `detach_class_posterior` is the reference's departure from
+    the paper: no gradient reaches the class heads.
+    """
+    index = group_index(groups) if index is None else index
+    if detach_class_posterior:
+        class_mu, class_logvar = class_mu.detach(), class_logvar.detach()
+    group_mu, group_logvar = accumulate_group_evidence(class_mu, class_logvar, groups, index)
+    style_z = reparameterize(style_mu, style_logvar, generator=generator)
+    class_z = group_wise_reparameterize(group_mu, group_logvar, groups, eps_std, generator=generator, index=index)
+    style_kl = kl_divergence(style_mu, style_logvar).sum()
+    class_kl = class_kl_divergence(group_mu, group_logvar, groups, per_sample=class_kl_per_sample, index=index)
+    return style_z, class_z, style_kl, class_kl
+
+
+class _FusedLatentLayer(torch.autograd.Function):
+    """`latent_layer` with its gradient written out, computed once per group rather than per sample.
+
+    For group g with members i: alpha_i = exp(-logvar_i) / sum_j exp(-logvar_j) is member i's share of
+    the group's precision, mu_g = sum_i alpha_i mu_i and logvar_g = -log sum_i exp(-logvar_i), so
+    d mu_g / d mu_i = alpha_i, d logvar_g / d logvar_i = alpha_i and
+    d mu_g / d logvar_i = -alpha_i (mu_i - mu_g).
+    """
+
+    @staticmethod
+    def forward(ctx, style_mu, style_logvar, class_mu, class_logvar, inverse, counts, style_eps, group_eps,
+                class_kl_weight):
+        num_groups, dim = group_eps.shape
+        shift = torch.full_like(group_eps, -math.inf).scatter_reduce_(
+            0, inverse.unsqueeze(1).expand(-1, dim), -class_logvar, reduce="amax")
+        weight = torch.exp(-class_logvar - shift.index_select(0, inverse))
+        precision = torch.zeros_like(group_eps).index_add_(0, inverse, weight)
+        alpha = weight.div_(precision.index_select(0, inverse))
+        group_mu = torch.zeros_like(group_eps).index_add_(0, inverse, alpha * class_mu)
+        group_logvar = precision.log_().add_(shift).neg_()
+        style_std, group_std = torch.exp(0.5 * style_logvar), torch.exp(0.5 * group_logvar)
+        style_noise, group_noise = style_eps * style_std, group_eps * group_std
+        style_kl = 0.5 * (style_mu.square() + style_std.square() - style_logvar - 1.0).sum()
+        group_kl = 0.5 * (group_mu.square() + group_std.square() - group_logvar - 1.0).sum(1)
+        ctx.save_for_backward(class_mu, inverse, alpha, style_mu, style_std, style_noise, group_mu, group_std,
+                              group_noise, class_kl_weight)
+        class_z = (group_mu + group_noise).index_select(0, inverse)
+        return style_mu + style_noise, class_z, style_kl, (group_kl * class_kl_weight).sum()
+
+    @staticmethod
+    def backward(ctx, grad_style_z, grad_class_z, grad_style_kl, grad_class_kl):
+        (class_mu, inverse, alpha, style_mu, style_std, style_noise, group_mu, group_std, group_noise,
+         class_kl_weight) = ctx.saved_tensors
+        grad_style_mu = grad_style_z + grad_style_kl * style_mu
+        grad_style_logvar = 0.5 * (grad_style_z * style_noise + grad_style_kl * (style_std.square() - 1.0))
+        grad_group_z = torch.zeros_like(group_mu).index_add_(0, inverse, grad_class_z)
+        grad_group_kl = grad_class_kl * class_kl_weight.unsqueeze(1)
+        grad_group_mu = grad_group_z + grad_group_kl * group_mu
+        grad_group_logvar = 0.5 * (grad_group_z * group_noise + grad_group_kl * (group_std.square() - 1.0))
+        grad_class_mu = grad_class_logvar = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            member_grad_mu = grad_group_mu.index_select(0, inverse)
+            grad_class_mu = alpha * member_grad_mu
+            grad_class_logvar = alpha * (grad_group_logvar.index_select(0, inverse)
+                                         - member_grad_mu * (class_mu - group_mu.index_select(0, inverse)))
+        return grad_style_mu, grad_style_logvar, grad_class_mu, grad_class_logvar, None, None, None, None, None
+
+
+def fused_latent_layer(style_mu: torch.Tensor, style_logvar: torch.Tensor, class_mu: torch.Tensor,
+                       class_logvar: torch.Tensor, groups: torch.Tensor, eps_std: float,
+                       class_kl_per_sample: bool = False, detach_class_posterior: bool = False,
+                       generator: torch.Generator | None = None,
+                       index: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`latent_layer` in one autograd node, for training: the same values, gradients and noise draws,
+    with about a fifth of its tensor operations (each costs microseconds of overhead on a small batch)."""
+    inverse, counts = group_index(groups) if index is None else index
+    if detach_class_posterior:
+        class_mu, class_logvar = class_mu.detach(), class_logvar.detach()
+    # The noise is drawn in latent_layer's order: the style eps, then one eps per group.
+    style_eps = torch.randn(style_mu.shape, generator=generator, device=style_mu.device, dtype=style_mu.dtype)
+    group_eps = eps_std * torch.randn((counts.numel(), class_mu.shape[1]), generator=generator,
+                                      device=class_mu.device, dtype=class_mu.dtype)
+    # The paper counts the class KL once per group; the reference once per member.
+    class_kl_weight = counts.to(class_mu.dtype) if class_kl_per_sample else torch.ones_like(counts, dtype=class_mu.dtype)
+    return _FusedLatentLayer.apply(style_mu, style_logvar, class_mu, class_logvar, inverse, counts, style_eps,
+                                   group_eps, class_kl_weight)
+
+
 class _SigmoidSquaredError(torch.autograd.Function):
     """sum (sigmoid(logits) - x)^2 with its gradient 2 (s - x) s (1 - s) written out: two passes over the
     [B, 784] pixels backward instead of autograd's four."""
