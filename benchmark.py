@@ -43,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=256, help="images per training step")
     add("--steps", type=int, default=200, help="timed training steps per configuration, spread over the rounds")
     add("--warmup", type=int, default=20, help="untimed steps first (allocator, oneDNN and autotuning caches)")
-    add("--rounds", type=int, default=10,
+    add("--rounds", type=int, default=40,
         help="rounds of measurement; each round times the bound and every configuration once, and each "
              "one's fastest round is kept, as timeit does")
-    add("--bound-calls", type=int, default=10, help="calls of each matmul per round, for the FLOP bound")
+    add("--bound-calls", type=int, default=2, help="repeats of the step's matmuls per round, for the FLOP bound")
     add("--baseline-steps", type=int, default=20, help="timed steps of the slow loop baseline")
     add("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
         help="precisions of our step to time (bf16 = autocast, as training.py --precision bf16)")
@@ -73,25 +73,27 @@ def linear_layers(style_dim: int, class_dim: int) -> list[tuple[str, int, int, b
             ("decoder.linear_2", HIDDEN, PIXELS, True)]
 
 
-def step_gemms(batch: int, style_dim: int, class_dim: int) -> list[tuple[str, int, int, int, bool]]:
-    """Every matmul of a forward+backward step as (name, m, k, n, first operand transposed).
+def step_gemms(batch: int, style_dim: int, class_dim: int) -> list[tuple[str, int, int, int, bool, bool]]:
+    """Every matmul of a forward+backward step, in the order a step runs them, as
+    (name, m, k, n, first operand transposed, second operand transposed).
 
-    For y = x W^T with x [B, in]: forward x @ W^T (m=B, k=in, n=out); input gradient dy @ W
-    (m=B, k=out, n=in); weight gradient dy^T @ x (m=out, k=B, n=in), read through a transposed view as
-    autograd does. Biases, activations and the loss are O(B * width) and left out of the bound.
+    For y = x W^T with x [B, in] and the weight stored [out, in] (the reference's layout): forward
+    x @ W^T (m=B, k=in, n=out) reads W through a transposed view, as nn.Linear does; input gradient
+    dy @ W (m=B, k=out, n=in); weight gradient dy^T @ x (m=out, k=B, n=in) reads dy through a transposed
+    view, as autograd does. Biases, activations and the loss are O(B * width) and left out of the bound.
     """
-    gemms = []
-    for name, fan_in, fan_out, input_grad in linear_layers(style_dim, class_dim):
-        gemms.append((f"{name} forward", batch, fan_in, fan_out, False))
+    layers = linear_layers(style_dim, class_dim)
+    gemms = [(f"{name} forward", batch, fan_in, fan_out, False, True) for name, fan_in, fan_out, _ in layers]
+    for name, fan_in, fan_out, input_grad in reversed(layers):
         if input_grad:
-            gemms.append((f"{name} grad input", batch, fan_out, fan_in, False))
-        gemms.append((f"{name} grad weight", fan_out, batch, fan_in, True))
+            gemms.append((f"{name} grad input", batch, fan_out, fan_in, False, False))
+        gemms.append((f"{name} grad weight", fan_out, batch, fan_in, True, False))
     return gemms
 
 
 def step_flops(batch: int, style_dim: int, class_dim: int) -> int:
     """Multiply-adds x 2 of one training step's matmuls (forward and backward)."""
-    return sum(2 * m * k * n for _, m, k, n, _ in step_gemms(batch, style_dim, class_dim))
+    return sum(2 * m * k * n for _, m, k, n, _, _ in step_gemms(batch, style_dim, class_dim))
 
 
 def synchronize(device: torch.device) -> None:
@@ -122,21 +124,35 @@ def fastest_in_rounds(timers: dict[str, Callable[[], float]], rounds: int) -> di
     return measured
 
 
-def gemm_bound_timer(batch: int, style_dim: int, class_dim: int, dtype: torch.dtype, device: torch.device,
-                     calls: int) -> Callable[[], float]:
-    """A timer of the step's FLOP bound: each of the step's matmuls run alone, `calls` times, at its own
-    shape, memory layout and dtype; one call of the timer returns the sum of their per-call seconds."""
+def gemm_bound_timers(batch: int, style_dim: int, class_dim: int, dtype: torch.dtype, device: torch.device,
+                      calls: int) -> dict[str, Callable[[], float]]:
+    """Two timers of the step's FLOP bound, at the matmuls' own shapes, memory layouts and dtype.
+
+    "sequence": the step's matmuls one after another in the step's order, and nothing else: the
+    fastest a step could run. "alone": each matmul repeated back to back on its own, the times summed.
+    A matmul measures faster repeated than between other matmuls, so this sum is lower than what a
+    step, which runs each once, can reach. Each timer call returns seconds per step from `calls` repeats.
+    """
     generator = torch.Generator(device=device).manual_seed(0)
-    operands = []
-    for _, m, k, n, transposed in step_gemms(batch, style_dim, class_dim):
-        a = torch.randn((k, m) if transposed else (m, k), generator=generator, device=device).to(dtype)
-        a = a.t() if transposed else a
-        b = torch.randn(k, n, generator=generator, device=device).to(dtype)
-        out = torch.empty(m, n, device=device, dtype=dtype)
-        torch.mm(a, b, out=out)  # warm-up: oneDNN picks and caches its kernel on the first call
-        operands.append((a, b, out))
-    return lambda: sum(seconds_per_call(functools.partial(torch.mm, a, b, out=out), device, calls)
-                       for a, b, out in operands)
+
+    def operand(rows: int, cols: int, transposed: bool) -> torch.Tensor:
+        shape = (cols, rows) if transposed else (rows, cols)
+        t = torch.randn(shape, generator=generator, device=device).to(dtype)
+        return t.t() if transposed else t
+
+    products = []
+    for _, m, k, n, a_transposed, b_transposed in step_gemms(batch, style_dim, class_dim):
+        a, b = operand(m, k, a_transposed), operand(k, n, b_transposed)
+        product = functools.partial(torch.mm, a, b, out=torch.empty(m, n, device=device, dtype=dtype))
+        product()  # warm-up: the library picks and caches its kernel on the first call
+        products.append(product)
+
+    def sequence() -> None:
+        for product in products:
+            product()
+
+    return {"sequence": lambda: seconds_per_call(sequence, device, calls),
+            "alone": lambda: sum(seconds_per_call(product, device, calls) for product in products)}
 
 
 # ---- the reference-style loop baseline -----------------------------------------------------------
@@ -254,9 +270,11 @@ def benchmark_device(device: torch.device, options: argparse.Namespace) -> tuple
     flops = step_flops(options.batch_size, defaults.style_dim, defaults.class_dim)
     dtypes = {precision: {"fp32": torch.float32, "bf16": torch.bfloat16}[precision] for precision in options.precision}
     dtypes.setdefault("fp32", torch.float32)  # the loop baseline runs in fp32
-    timers = {f"bound {precision}": gemm_bound_timer(options.batch_size, defaults.style_dim, defaults.class_dim,
-                                                     dtype, device, options.bound_calls)
-              for precision, dtype in dtypes.items()}
+    timers = {}
+    for precision, dtype in dtypes.items():
+        bound_timers = gemm_bound_timers(options.batch_size, defaults.style_dim, defaults.class_dim, dtype, device,
+                                         options.bound_calls)
+        timers.update({f"bound {precision} {kind}": timer for kind, timer in bound_timers.items()})
     configurations, warmups = {}, {}
     calls = max(options.steps // options.rounds, 1)
     for precision in options.precision:
@@ -266,12 +284,14 @@ def benchmark_device(device: torch.device, options: argparse.Namespace) -> tuple
             timers[name], warmups[name] = training_step_timer(images, labels, args, options.warmup, calls)
             configurations[name] = {"precision": precision, "compile": compile_}
     measured = fastest_in_rounds(timers, options.rounds)
-    bounds = {precision: {"dtype": str(dtype).removeprefix("torch."), "device": str(device), "step_flops": flops,
-                          "bound_ms": 1e3 * min(measured[f"bound {precision}"]),
-                          "bound_ms_median": 1e3 * statistics.median(measured[f"bound {precision}"])}
-              for precision, dtype in dtypes.items()}
-    for bound in bounds.values():
-        bound["gflops"] = flops / (bound["bound_ms"] / 1e3) / 1e9
+    bounds = {}
+    for precision, dtype in dtypes.items():
+        sequence, alone = (measured[f"bound {precision} {kind}"] for kind in ("sequence", "alone"))
+        bounds[precision] = {"dtype": str(dtype).removeprefix("torch."), "device": str(device), "step_flops": flops,
+                             "bound_ms": 1e3 * min(sequence), "bound_ms_median": 1e3 * statistics.median(sequence),
+                             "gflops": flops / min(sequence) / 1e9,
+                             "alone_ms": 1e3 * min(alone), "alone_ms_median": 1e3 * statistics.median(alone),
+                             "alone_gflops": flops / min(alone) / 1e9}
     rows = [step_row(name, measured[name], options.batch_size, warmup_s=warmups[name], **fields)
             for name, fields in configurations.items()]
     with loop_baseline():
@@ -284,6 +304,7 @@ def benchmark_device(device: torch.device, options: argparse.Namespace) -> tuple
     for row in rows:
         row.update(device=str(device), gflops=flops / (row["ms_per_step"] / 1e3) / 1e9,
                    share_of_bound=bounds[row["precision"]]["bound_ms"] / row["ms_per_step"],
+                   share_of_alone=bounds[row["precision"]]["alone_ms"] / row["ms_per_step"],
                    speedup_over_loops=baseline_ms / row["ms_per_step"])
     return rows, list(bounds.values())
 
@@ -314,15 +335,16 @@ def devices(name: str) -> list[torch.device]:
 
 
 def format_table(rows: list[dict], bounds: list[dict]) -> str:
-    lines = [f"{'device':7} {'configuration':26} {'ms/step':>8} {'images/s':>9} {'s/epoch':>8} "
-             f"{'GFLOP/s':>8} {'of bound':>8} {'vs loops':>8} {'warm-up s':>9}"]
+    lines = [f"{'device':7} {'configuration':30} {'ms/step':>8} {'images/s':>9} {'s/epoch':>8} "
+             f"{'GFLOP/s':>8} {'of bound':>8} {'of alone':>8} {'vs loops':>8} {'warm-up s':>9}"]
     for row in rows:
-        lines.append(f"{row['device']:7} {row['name']:26} {row['ms_per_step']:8.2f} {row['images_per_s']:9.0f} "
+        lines.append(f"{row['device']:7} {row['name']:30} {row['ms_per_step']:8.2f} {row['images_per_s']:9.0f} "
                      f"{row['s_per_epoch']:8.2f} {row['gflops']:8.1f} {row['share_of_bound']:8.0%} "
-                     f"{row['speedup_over_loops']:7.1f}x {row['warmup_s']:9.1f}")
+                     f"{row['share_of_alone']:8.0%} {row['speedup_over_loops']:7.1f}x {row['warmup_s']:9.1f}")
     for bound in bounds:
-        name = f"FLOP bound, {bound['dtype']} matmuls"
-        lines.append(f"{bound['device']:7} {name:26} {bound['bound_ms']:8.2f} {'':9} {'':8} {bound['gflops']:8.1f}")
+        for kind, ms, gflops in (("in sequence", "bound_ms", "gflops"), ("alone", "alone_ms", "alone_gflops")):
+            name = f"{bound['dtype']} matmuls {kind}"
+            lines.append(f"{bound['device']:7} {name:30} {bound[ms]:8.2f} {'':9} {'':8} {bound[gflops]:8.1f}")
     return "\n".join(lines)
 
 
@@ -352,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{results['machine']['torch_threads']} CPU threads, load average "
           f"{results['machine']['load_average_at_start'][0]:.1f} at start")
     print(format_table(results["rows"], results["bounds"]))
-    load = max(results["machine"]["load_average_at_start"][0], results["machine"]["load_average_at_end"][0])
+    load = results["machine"]["load_average_at_start"][0]  # at the end it counts this benchmark's own threads
     if load > 0.5 * (os.cpu_count() or 1):
         print(f"note: load average {load:.1f} on {os.cpu_count()} cores: other processes share the CPU, so the "
               "times are slower than on a quiet machine; the ratios (of bound, vs loops) were taken under the "

@@ -206,7 +206,9 @@ def fused_latent_layer(style_mu: torch.Tensor, style_logvar: torch.Tensor, class
     group_eps = eps_std * torch.randn((counts.numel(), class_mu.shape[1]), generator=generator,
                                       device=class_mu.device, dtype=class_mu.dtype)
     # The paper counts the class KL once per group; the reference once per member.
-    class_kl_weight = counts.to(class_mu.dtype) if class_kl_per_sample else torch.ones_like(counts, dtype=class_mu.dtype)
+    class_kl_weight = counts.to(class_mu.dtype)
+    if not class_kl_per_sample:
+        class_kl_weight = torch.ones_like(class_kl_weight)
     return _FusedLatentLayer.apply(style_mu, style_logvar, class_mu, class_logvar, inverse, counts, style_eps,
                                    group_eps, class_kl_weight)
 

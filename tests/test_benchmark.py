@@ -54,6 +54,20 @@ def test_rounds_interleave_the_timers_and_keep_every_measurement():
     assert measured == {"bound": [1, 3, 5], "step": [2, 4, 6]}
 
 
+def test_the_bound_runs_the_steps_matmuls_in_its_order_and_layouts():
+    gemms = benchmark.step_gemms(8, 10, 10)
+    names = [name for name, *_ in gemms]
+    assert names[:4] == ["encoder.linear_1 forward", "encoder.heads forward", "decoder.linear_1 forward",
+                         "decoder.linear_2 forward"]
+    assert names[4:6] == ["decoder.linear_2 grad input", "decoder.linear_2 grad weight"]
+    assert names[-1] == "encoder.linear_1 grad weight" and "encoder.linear_1 grad input" not in names
+    # nn.Linear reads its [out, in] weight transposed; autograd reads dy transposed for the weight gradient.
+    assert all(b_t and not a_t for name, _, _, _, a_t, b_t in gemms if name.endswith("forward"))
+    assert all(a_t and not b_t for name, _, _, _, a_t, b_t in gemms if name.endswith("grad weight"))
+    timers = benchmark.gemm_bound_timers(8, 10, 10, torch.float32, torch.device("cpu"), calls=1)
+    assert set(timers) == {"sequence", "alone"} and all(timer() > 0 for timer in timers.values())
+
+
 def test_flop_count_matches_the_networks_shapes():
     # Forward: 784*500 + 500*40 + 20*500 + 500*784 multiply-adds per image; backward twice that,
     # less the gradient of the pixels.
@@ -93,6 +107,7 @@ def test_benchmark_writes_the_table_as_json(tmp_path, capsys):
     results = json.loads(path.read_text())
     names = [row["name"] for row in results["rows"]]
     assert names == ["ML-VAE step, fp32", "ML-VAE step, bf16", "loop baseline, fp32"]
-    assert all(row["ms_per_step"] > 0 and row["share_of_bound"] > 0 for row in results["rows"])
+    assert all(row["ms_per_step"] > 0 and row["share_of_bound"] > 0 and row["share_of_alone"] > 0
+               for row in results["rows"])
     assert {bound["dtype"] for bound in results["bounds"]} == {"float32", "bfloat16"}
     assert "loop baseline" in capsys.readouterr().out
