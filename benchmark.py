@@ -2,11 +2,12 @@
 
 The step timed is `training.train_step` itself, on MNIST batches indexed from a permutation as
 `training.py` does. In the same run the script measures the machine's matmul throughput at the
-network's own GEMM shapes (fp32 and bf16), turns an explicit count of the forward and backward FLOPs
-into the fastest a step could be, and times a baseline that accumulates group evidence and draws the
-grouped noise the way the reference does: Python loops over the samples with per-group dicts.
-The bound and the steps are timed in interleaved rounds and each keeps its fastest round, so that on a
-shared machine they are compared under the same conditions.
+network's own GEMM shapes and layouts (fp32 and bf16): the step's matmuls run in the step's order
+give the fastest a step could be (the FLOP bound, with its FLOPs counted explicitly), and each matmul
+run alone gives a stricter sum. It also times a baseline that accumulates group evidence and draws
+the grouped noise the way the reference does: Python loops over the samples with per-group dicts.
+The bounds and the steps are timed in short interleaved rounds and each keeps its fastest round, so
+that on a shared machine they are compared under the same conditions.
 
     python benchmark.py --json benchmark.json               # the full table, CPU (and CUDA when present)
     python benchmark.py --precision bf16 --compile          # also time torch.compile'd steps
@@ -208,12 +209,12 @@ def loop_group_wise_reparameterize(mu: torch.Tensor, logvar: torch.Tensor, group
 
 @contextmanager
 def loop_baseline():
-    """Run training.compute_losses with the latent layer composed as utils.latent_layer, its two grouped
-    operations replaced by their loop versions.
+    """Run training.compute_losses with the latent layer composed (utils.latent_layer, fused=False), its
+    two grouped operations replaced by their loop versions.
 
     Everything else (networks, reconstruction loss, Adam) stays the real training step.
     """
-    with mock.patch.object(training, "fused_latent_layer", utils.latent_layer), \
+    with mock.patch.object(training, "latent_layer", functools.partial(utils.latent_layer, fused=False)), \
             mock.patch.multiple(utils, accumulate_group_evidence=loop_accumulate_group_evidence,
                                 group_wise_reparameterize=loop_group_wise_reparameterize):
         yield

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import data_loader
 from networks import LIKELIHOODS, PIXELS, Decoder, Encoder
-from utils import (atomic_save, fused_latent_layer, group_index, pick_device, reconstruction_loss, script_parser,
+from utils import (atomic_save, group_index, latent_layer, pick_device, reconstruction_loss, script_parser,
                    training_groups, write_text_atomic)
 
 LOG_FIELDS = ("epoch", "iteration", "reconstruction", "style_kl", "class_kl", "images_per_s")
@@ -160,7 +160,7 @@ def compute_losses(encoder: Encoder, decoder: Decoder, x: torch.Tensor, groups: 
         style_mu, style_logvar, class_mu, class_logvar = encoder(x)
     style_mu, style_logvar, class_mu, class_logvar = (
         t.float() for t in (style_mu, style_logvar, class_mu, class_logvar))
-    style_z, class_z, style_kl, class_kl = fused_latent_layer(
+    style_z, class_z, style_kl, class_kl = latent_layer(
         style_mu, style_logvar, class_mu, class_logvar, groups, args.eps_std, args.class_kl_per_sample,
         args.detach_class_posterior, generator, index)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):

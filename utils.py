@@ -118,32 +118,8 @@ def class_kl_divergence(group_mu: torch.Tensor, group_logvar: torch.Tensor, grou
     return (kl / counts.index_select(0, inverse).to(kl.dtype)).sum()
 
 
-def latent_layer(style_mu: torch.Tensor, style_logvar: torch.Tensor, class_mu: torch.Tensor,
-                 class_logvar: torch.Tensor, groups: torch.Tensor, eps_std: float,
-                 class_kl_per_sample: bool = False, detach_class_posterior: bool = False,
-                 generator: torch.Generator | None = None,
-                 index: tuple[torch.Tensor, torch.Tensor] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The latent layer of one training batch, from the encoder's posteriors to the decoder's codes:
-    (style sample [B, S], its group's class sample [B, C], summed style KL, summed class KL).
-
-    Written as the composition of the functions above. `fused_latent_layer` computes the same values
-    and gradients in one autograd node. `detach_class_posterior` is the reference's departure from
-    the paper: no gradient reaches the class heads.
-    """
-    index = group_index(groups) if index is None else index
-    if detach_class_posterior:
-        class_mu, class_logvar = class_mu.detach(), class_logvar.detach()
-    group_mu, group_logvar = accumulate_group_evidence(class_mu, class_logvar, groups, index)
-    style_z = reparameterize(style_mu, style_logvar, generator=generator)
-    class_z = group_wise_reparameterize(group_mu, group_logvar, groups, eps_std, generator=generator, index=index)
-    style_kl = kl_divergence(style_mu, style_logvar).sum()
-    class_kl = class_kl_divergence(group_mu, group_logvar, groups, per_sample=class_kl_per_sample, index=index)
-    return style_z, class_z, style_kl, class_kl
-
-
 class _FusedLatentLayer(torch.autograd.Function):
-    """`latent_layer` with its gradient written out, computed once per group rather than per sample.
+    """`latent_layer(fused=True)`: its gradient written out, computed once per group, not per sample.
 
     For group g with members i: alpha_i = exp(-logvar_i) / sum_j exp(-logvar_j) is member i's share of
     the group's precision, mu_g = sum_i alpha_i mu_i and logvar_g = -log sum_i exp(-logvar_i), so
@@ -190,27 +166,42 @@ class _FusedLatentLayer(torch.autograd.Function):
         return grad_style_mu, grad_style_logvar, grad_class_mu, grad_class_logvar, None, None, None, None, None
 
 
-def fused_latent_layer(style_mu: torch.Tensor, style_logvar: torch.Tensor, class_mu: torch.Tensor,
-                       class_logvar: torch.Tensor, groups: torch.Tensor, eps_std: float,
-                       class_kl_per_sample: bool = False, detach_class_posterior: bool = False,
-                       generator: torch.Generator | None = None,
-                       index: tuple[torch.Tensor, torch.Tensor] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`latent_layer` in one autograd node, for training: the same values, gradients and noise draws,
-    with about a fifth of its tensor operations (each costs microseconds of overhead on a small batch)."""
-    inverse, counts = group_index(groups) if index is None else index
+def latent_layer(style_mu: torch.Tensor, style_logvar: torch.Tensor, class_mu: torch.Tensor,
+                 class_logvar: torch.Tensor, groups: torch.Tensor, eps_std: float,
+                 class_kl_per_sample: bool = False, detach_class_posterior: bool = False,
+                 generator: torch.Generator | None = None,
+                 index: tuple[torch.Tensor, torch.Tensor] | None = None, fused: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The latent layer of one training batch, from the encoder's posteriors to the decoder's codes:
+    (style sample [B, S], its group's class sample [B, C], summed style KL, summed class KL).
+
+    `fused=False` composes the functions above, step by step. `fused=True` (for training) gives the
+    same values, gradients and noise draws in one autograd node with the gradient written out: about
+    70 tensor operations instead of about 110, each of which costs microseconds on a small batch.
+    `detach_class_posterior` is the reference's departure from the paper: no gradient reaches the
+    class heads.
+    """
+    index = group_index(groups) if index is None else index
     if detach_class_posterior:
         class_mu, class_logvar = class_mu.detach(), class_logvar.detach()
-    # The noise is drawn in latent_layer's order: the style eps, then one eps per group.
-    style_eps = torch.randn(style_mu.shape, generator=generator, device=style_mu.device, dtype=style_mu.dtype)
-    group_eps = eps_std * torch.randn((counts.numel(), class_mu.shape[1]), generator=generator,
-                                      device=class_mu.device, dtype=class_mu.dtype)
-    # The paper counts the class KL once per group; the reference once per member.
-    class_kl_weight = counts.to(class_mu.dtype)
-    if not class_kl_per_sample:
-        class_kl_weight = torch.ones_like(class_kl_weight)
-    return _FusedLatentLayer.apply(style_mu, style_logvar, class_mu, class_logvar, inverse, counts, style_eps,
-                                   group_eps, class_kl_weight)
+    if fused:
+        inverse, counts = index
+        # The noise is drawn in the composed order: the style eps, then one eps per group.
+        style_eps = torch.randn(style_mu.shape, generator=generator, device=style_mu.device, dtype=style_mu.dtype)
+        group_eps = eps_std * torch.randn((counts.numel(), class_mu.shape[1]), generator=generator,
+                                          device=class_mu.device, dtype=class_mu.dtype)
+        # The paper counts the class KL once per group; the reference once per member.
+        class_kl_weight = counts.to(class_mu.dtype)
+        if not class_kl_per_sample:
+            class_kl_weight = torch.ones_like(class_kl_weight)
+        return _FusedLatentLayer.apply(style_mu, style_logvar, class_mu, class_logvar, inverse, counts, style_eps,
+                                       group_eps, class_kl_weight)
+    group_mu, group_logvar = accumulate_group_evidence(class_mu, class_logvar, groups, index)
+    style_z = reparameterize(style_mu, style_logvar, generator=generator)
+    class_z = group_wise_reparameterize(group_mu, group_logvar, groups, eps_std, generator=generator, index=index)
+    style_kl = kl_divergence(style_mu, style_logvar).sum()
+    class_kl = class_kl_divergence(group_mu, group_logvar, groups, per_sample=class_kl_per_sample, index=index)
+    return style_z, class_z, style_kl, class_kl
 
 
 class _SigmoidSquaredError(torch.autograd.Function):

@@ -1,5 +1,6 @@
 """training.py end to end on small subsets: outputs, resume, interruption, bad flags."""
 import csv
+import functools
 import os
 import signal
 
@@ -41,7 +42,7 @@ def test_training_step_with_the_fused_latent_layer_follows_the_composed_one(flag
     trained = []
     for composed in (False, True):
         if composed:
-            monkeypatch.setattr(training, "fused_latent_layer", utils.latent_layer)
+            monkeypatch.setattr(training, "latent_layer", functools.partial(utils.latent_layer, fused=False))
         torch.manual_seed(0)
         encoder, decoder = Encoder(10, 10), Decoder(10, 10)
         optimizer = training.make_optimizer(encoder, decoder, args)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from utils import (ModelLoadError, training_groups, accumulate_group_evidence, add_model_arguments, atomic_save,
-                   class_kl_divergence, fused_latent_layer, group_wise_reparameterize, kl_divergence, latent_layer,
+                   class_kl_divergence, group_wise_reparameterize, kl_divergence, latent_layer,
                    load_models, reconstruction_loss)
 
 
@@ -120,9 +120,9 @@ def test_fused_latent_layer_matches_the_composed_one_in_values_gradients_and_noi
     posteriors = [torch.randn(40, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(4)]
     groups = torch.randint(0, 6, (40,), generator=gen) * 5  # ids need not be compact
     results = []
-    for layer in (latent_layer, fused_latent_layer):
-        outputs = layer(*posteriors, groups, 0.3, class_kl_per_sample, detach_class_posterior,
-                        generator=torch.Generator().manual_seed(1))
+    for fused in (False, True):
+        outputs = latent_layer(*posteriors, groups, 0.3, class_kl_per_sample, detach_class_posterior,
+                               generator=torch.Generator().manual_seed(1), fused=fused)
         weights = [torch.randn(out.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
                    for k, out in enumerate(outputs)]
         loss = sum((out * weight).sum() for out, weight in zip(outputs, weights))
@@ -134,13 +134,13 @@ def test_fused_latent_layer_matches_the_composed_one_in_values_gradients_and_noi
     assert (fused_grads[2] == 0).all() == detach_class_posterior
 
 
-def test_fused_latent_layer_gradient_passes_gradcheck():
+def test_fused_latent_layer_passes_gradcheck():
     gen = torch.Generator().manual_seed(0)
     posteriors = tuple(torch.randn(12, 2, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(4))
     groups = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 4])
     # A fixed noise draw per call, so that the function gradcheck differentiates is deterministic.
     assert torch.autograd.gradcheck(
-        lambda *p: fused_latent_layer(*p, groups, 0.5, generator=torch.Generator().manual_seed(2)), posteriors)
+        lambda *p: latent_layer(*p, groups, 0.5, generator=torch.Generator().manual_seed(2)), posteriors)
 
 
 def test_mse_loss_and_its_written_out_gradient_match_autograd():
