@@ -128,11 +128,10 @@ class _FusedLatentLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, style_mu, style_logvar, class_mu, class_logvar, inverse, counts, style_eps, group_eps,
-                class_kl_weight):
-        num_groups, dim = group_eps.shape
+    def forward(ctx, style_mu, style_logvar, class_mu, class_logvar, inverse, style_eps, group_eps, class_kl_weight):
+        # Precisions relative to each group's largest, as in accumulate_group_evidence: finite for any logvar.
         shift = torch.full_like(group_eps, -math.inf).scatter_reduce_(
-            0, inverse.unsqueeze(1).expand(-1, dim), -class_logvar, reduce="amax")
+            0, inverse.unsqueeze(1).expand_as(class_logvar), -class_logvar, reduce="amax")
         weight = torch.exp(-class_logvar - shift.index_select(0, inverse))
         precision = torch.zeros_like(group_eps).index_add_(0, inverse, weight)
         alpha = weight.div_(precision.index_select(0, inverse))
@@ -163,7 +162,7 @@ class _FusedLatentLayer(torch.autograd.Function):
             grad_class_mu = alpha * member_grad_mu
             grad_class_logvar = alpha * (grad_group_logvar.index_select(0, inverse)
                                          - member_grad_mu * (class_mu - group_mu.index_select(0, inverse)))
-        return grad_style_mu, grad_style_logvar, grad_class_mu, grad_class_logvar, None, None, None, None, None
+        return grad_style_mu, grad_style_logvar, grad_class_mu, grad_class_logvar, None, None, None, None
 
 
 def latent_layer(style_mu: torch.Tensor, style_logvar: torch.Tensor, class_mu: torch.Tensor,
@@ -194,8 +193,8 @@ def latent_layer(style_mu: torch.Tensor, style_logvar: torch.Tensor, class_mu: t
         class_kl_weight = counts.to(class_mu.dtype)
         if not class_kl_per_sample:
             class_kl_weight = torch.ones_like(class_kl_weight)
-        return _FusedLatentLayer.apply(style_mu, style_logvar, class_mu, class_logvar, inverse, counts, style_eps,
-                                       group_eps, class_kl_weight)
+        return _FusedLatentLayer.apply(style_mu, style_logvar, class_mu, class_logvar, inverse, style_eps, group_eps,
+                                       class_kl_weight)
     group_mu, group_logvar = accumulate_group_evidence(class_mu, class_logvar, groups, index)
     style_z = reparameterize(style_mu, style_logvar, generator=generator)
     class_z = group_wise_reparameterize(group_mu, group_logvar, groups, eps_std, generator=generator, index=index)
@@ -206,7 +205,7 @@ def latent_layer(style_mu: torch.Tensor, style_logvar: torch.Tensor, class_mu: t
 
 class _SigmoidSquaredError(torch.autograd.Function):
     """sum (sigmoid(logits) - x)^2 with its gradient 2 (s - x) s (1 - s) written out: two passes over the
-    [B, 784] pixels backward instead of autograd's four."""
+    [B, 784] pixels backward instead of autograd's four. x is data and gets no gradient."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

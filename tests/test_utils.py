@@ -134,6 +134,15 @@ def test_fused_latent_layer_matches_the_composed_one_in_values_gradients_and_noi
     assert (fused_grads[2] == 0).all() == detach_class_posterior
 
 
+def test_fused_latent_layer_stays_finite_for_extreme_log_variances():
+    mu = torch.zeros(4, 2, requires_grad=True)
+    logvar = torch.tensor([[-200.0, 200.0], [200.0, -200.0], [-200.0, -200.0], [200.0, 200.0]], requires_grad=True)
+    outputs = latent_layer(mu, torch.zeros(4, 2), mu, logvar, torch.tensor([0, 0, 1, 1]), 0.1,
+                           generator=torch.Generator().manual_seed(0))
+    sum(out.sum() for out in outputs[:2]).backward()
+    assert all(torch.isfinite(out).all() for out in outputs[:2]) and torch.isfinite(logvar.grad).all()
+
+
 def test_fused_latent_layer_passes_gradcheck():
     gen = torch.Generator().manual_seed(0)
     posteriors = tuple(torch.randn(12, 2, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(4))
