@@ -4,8 +4,8 @@ For every test image (the query; with --split validation, every validation image
 of its digit are drawn at random; the class posteriors of the query and those K-1 images are fused
 by group evidence accumulation, and the fused posterior mean is classified. K = 1 is the query
 alone. Three probes, all trained once on the single-image class posterior means of the training
-images: logistic regression, 5-nearest neighbours and the reference's MLP. Nothing here groups a test batch by label, so no probe can read the label off the
-batch layout.
+images: logistic regression, 5-nearest neighbours and the reference's MLP. Nothing here groups a test
+batch by label, so no probe can read the label off the batch layout.
 
     python group_size.py --json images/group_size_mlvae_eps0.1.json
     python group_size.py --encoder ../shared/reference/checkpoints/encoder_0.1_var_reparam \
@@ -19,7 +19,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression

@@ -45,6 +45,23 @@ def training_groups(labels: torch.Tensor, group_size: int | None = None) -> torc
     return labels * len(labels) + rank // group_size
 
 
+def _group_precisions(log_precision: torch.Tensor, inverse: torch.Tensor, num_groups: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(shift [G, D], weight [B, D], precision [G, D]) with weight_i = exp(log_precision_i - shift_g(i))
+    and precision_g = sum of its members' weights, where shift_g is the group's largest log-precision.
+
+    Relative to the largest, the precisions stay finite for any log-variance; the shift is exact and
+    carries no gradient, so precision_g exp(shift_g) is the group's true precision.
+    """
+    rows = inverse.unsqueeze(1).expand_as(log_precision)
+    shift = torch.full((num_groups, log_precision.shape[1]), -math.inf, dtype=log_precision.dtype,
+                       device=log_precision.device)
+    shift = shift.scatter_reduce(0, rows, log_precision.detach(), reduce="amax", include_self=True)
+    # index_select rather than [inverse]: the same rows, and its backward is an index_add, not an index_put.
+    weight = torch.exp(log_precision - shift.index_select(0, inverse))
+    return shift, weight, torch.zeros_like(shift).index_add(0, inverse, weight)
+
+
 def accumulate_group_evidence(class_mu: torch.Tensor, class_logvar: torch.Tensor, groups: torch.Tensor,
                               index: tuple[torch.Tensor, torch.Tensor] | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,17 +72,10 @@ def accumulate_group_evidence(class_mu: torch.Tensor, class_logvar: torch.Tensor
     (mean, log-variance) of each sample's group.
 
     The precisions are computed relative to the largest one in each group (a log-sum-exp), so the
-    result stays finite for any log-variance; the shift is exact and carries no gradient.
+    result stays finite for any log-variance.
     """
     inverse, counts = group_index(groups) if index is None else index
-    num_groups, dim = counts.numel(), class_mu.shape[1]
-    log_precision = -class_logvar
-    rows = inverse.unsqueeze(1).expand(-1, dim)
-    shift = torch.full((num_groups, dim), -math.inf, dtype=class_mu.dtype, device=class_mu.device)
-    shift = shift.scatter_reduce(0, rows, log_precision.detach(), reduce="amax", include_self=True)
-    # index_select rather than [inverse]: the same rows, and its backward is an index_add, not an index_put.
-    weight = torch.exp(log_precision - shift.index_select(0, inverse))
-    precision = torch.zeros_like(shift).index_add(0, inverse, weight)
+    shift, weight, precision = _group_precisions(-class_logvar, inverse, counts.numel())
     weighted_mu = torch.zeros_like(shift).index_add(0, inverse, weight * class_mu)
     group_mu = weighted_mu / precision
     group_logvar = -(torch.log(precision) + shift)
@@ -129,18 +139,14 @@ class _FusedLatentLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, style_mu, style_logvar, class_mu, class_logvar, inverse, style_eps, group_eps, class_kl_weight):
-        # Precisions relative to each group's largest, as in accumulate_group_evidence: finite for any logvar.
-        shift = torch.full_like(group_eps, -math.inf).scatter_reduce_(
-            0, inverse.unsqueeze(1).expand_as(class_logvar), -class_logvar, reduce="amax")
-        weight = torch.exp(-class_logvar - shift.index_select(0, inverse))
-        precision = torch.zeros_like(group_eps).index_add_(0, inverse, weight)
+        shift, weight, precision = _group_precisions(-class_logvar, inverse, group_eps.shape[0])
         alpha = weight.div_(precision.index_select(0, inverse))
         group_mu = torch.zeros_like(group_eps).index_add_(0, inverse, alpha * class_mu)
         group_logvar = precision.log_().add_(shift).neg_()
         style_std, group_std = torch.exp(0.5 * style_logvar), torch.exp(0.5 * group_logvar)
         style_noise, group_noise = style_eps * style_std, group_eps * group_std
-        style_kl = 0.5 * (style_mu.square() + style_std.square() - style_logvar - 1.0).sum()
-        group_kl = 0.5 * (group_mu.square() + group_std.square() - group_logvar - 1.0).sum(1)
+        style_kl = kl_divergence(style_mu, style_logvar).sum()
+        group_kl = kl_divergence(group_mu, group_logvar)
         ctx.save_for_backward(class_mu, inverse, alpha, style_mu, style_std, style_noise, group_mu, group_std,
                               group_noise, class_kl_weight)
         class_z = (group_mu + group_noise).index_select(0, inverse)

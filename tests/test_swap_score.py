@@ -1,5 +1,4 @@
 """Swap score: chance for a decoder that ignores its class input, near 100% for one that copies it."""
-from pathlib import Path
 
 import pytest
 import torch

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from utils import (ModelLoadError, training_groups, accumulate_group_evidence, add_model_arguments, atomic_save,
-                   class_kl_divergence, group_wise_reparameterize, kl_divergence, latent_layer,
-                   load_models, reconstruction_loss)
+from utils import (ModelLoadError, accumulate_group_evidence, add_model_arguments, atomic_save,
+                   class_kl_divergence, group_wise_reparameterize, kl_divergence, latent_layer, load_models,
+                   reconstruction_loss, training_groups)
 
 
 def naive_product_of_gaussians(mu, logvar, groups):
