@@ -25,7 +25,9 @@ import torch
 from torchvision.utils import save_image
 
 import data_loader
-from utils import accumulate_group_evidence, add_model_arguments, device_and_models, encode, script_parser
+from evaluation import encode, sample_per_label
+from runs import add_model_arguments, device_and_models, script_parser
+from utils import accumulate_group_evidence
 
 NUM_DIGITS = 10
 CELL = 28  # pixels of one image
@@ -52,12 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def reference_indices(labels: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Test-set indices of one image per digit 0-9: the first of each digit, or a random one."""
-    chosen = []
-    for digit in range(NUM_DIGITS):
-        candidates = (labels == digit).nonzero().squeeze(1)
-        pick = 0 if mode == "fixed" else int(torch.randint(len(candidates), (1,), generator=generator))
-        chosen.append(candidates[pick])
-    return torch.stack(chosen)
+    return sample_per_label(labels, list(range(NUM_DIGITS)), 1, generator=None if mode == "fixed" else generator
+                            ).flatten()
 
 
 def evidence_indices(labels: torch.Tensor, evidence_size: int | None, generator: torch.Generator) -> torch.Tensor:
@@ -67,12 +65,7 @@ def evidence_indices(labels: torch.Tensor, evidence_size: int | None, generator:
     """
     if evidence_size is None:
         return torch.randperm(len(labels), generator=generator, device=labels.device)[:EVIDENCE_BATCH]
-    chosen = []
-    for digit in range(NUM_DIGITS):
-        candidates = (labels == digit).nonzero().squeeze(1)
-        perm = torch.randperm(len(candidates), generator=generator, device=labels.device)
-        chosen.append(candidates[perm[:evidence_size]])
-    return torch.cat(chosen)
+    return sample_per_label(labels, list(range(NUM_DIGITS)), evidence_size, generator=generator).flatten()
 
 
 @torch.no_grad()

@@ -15,8 +15,6 @@ scalars under runs/<run-name>. `--resume` continues a stopped run; Ctrl-C saves 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import signal
@@ -29,10 +27,9 @@ from tqdm import tqdm
 
 import data_loader
 from networks import LIKELIHOODS, PIXELS, Decoder, Encoder
-from utils import (atomic_save, group_index, latent_layer, pick_device, reconstruction_loss, script_parser,
-                   training_groups, write_text_atomic)
+from runs import LOG_FIELDS, atomic_save, pick_device, read_log, script_parser, write_log, write_text_atomic
+from utils import group_index, latent_layer, reconstruction_loss, training_groups
 
-LOG_FIELDS = ("epoch", "iteration", "reconstruction", "style_kl", "class_kl", "images_per_s")
 # Settings that define the model and its objective: a resumed run must keep them.
 RUN_SETTINGS = ("dataset", "style_dim", "class_dim", "likelihood", "eps_std", "detach_class_posterior",
                 "class_kl_per_sample", "reconstruction_coef", "kl_coef", "style_kl_coef", "group_size",
@@ -186,21 +183,6 @@ def train_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Optimi
 def make_optimizer(encoder: Encoder, decoder: Decoder, args: argparse.Namespace) -> torch.optim.Adam:
     params = list(encoder.parameters()) + list(decoder.parameters())
     return torch.optim.Adam(params, lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
-
-
-def read_log(path: Path, up_to_epoch: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
-
-
-def write_log(path: Path, rows: list[dict]) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=LOG_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, text.getvalue())
 
 
 def save_run(args: argparse.Namespace, encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Optimizer,

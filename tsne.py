@@ -24,8 +24,9 @@ import torch
 from sklearn.manifold import TSNE
 
 import data_loader
-from utils import (accumulate_group_evidence, add_model_arguments, batch_groups, device_and_models, encode,
-                   save_figure, script_parser)
+from evaluation import batch_groups, encode
+from runs import add_model_arguments, device_and_models, save_figure, script_parser
+from utils import accumulate_group_evidence
 
 NUM_DIGITS = 10
 

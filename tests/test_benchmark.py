@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import benchmark
+from studies import benchmark
 import training
 from utils import accumulate_group_evidence, group_wise_reparameterize
 

@@ -1,7 +1,8 @@
 """Test-time evidence: evidence sets are drawn correctly and more evidence helps where it must."""
 import torch
 
-from utils import draw_evidence_sets, fused_means
+from evaluation import draw_evidence_sets
+from utils import fused_means
 
 
 def test_evidence_sets_hold_the_query_and_distinct_others_of_its_label():

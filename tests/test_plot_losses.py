@@ -2,7 +2,7 @@
 import pytest
 from PIL import Image
 
-import plot_losses
+from studies import plot_losses
 
 
 def test_writes_the_figure_next_to_the_run(tmp_path, capsys):

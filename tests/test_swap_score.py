@@ -6,8 +6,8 @@ from torch import nn
 
 import data_loader
 from conftest import ROOT
-from pixel_classifier import load_pixel_classifier, predict
-from swap_score import swap_scores
+from evaluation import load_pixel_classifier, predict
+from studies.swap_score import swap_scores
 
 PIXEL_CLASSIFIER = ROOT / "checkpoints" / "pixel_classifier_mnist.pt"
 
@@ -62,12 +62,3 @@ def test_decoder_copying_the_class_source_scores_near_100(mnist_test_subset, cla
     assert result["no_evidence"]["content_transfer"] > 97.0
     assert result["no_evidence"]["style_leak"] < 2.0
     assert result["with_evidence"]["content_transfer"] > 90.0  # the fused code is a mean of 5 images
-
-
-def test_pixel_classifier_rejects_a_bad_device_with_a_parser_error(capsys):
-    import pixel_classifier
-
-    with pytest.raises(SystemExit) as exit_info:
-        pixel_classifier.main(["--device", "tpu"])
-    assert exit_info.value.code == 2
-    assert "--device" in capsys.readouterr().err

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import sweep
+from studies import sweep
 
 
 def test_sweep_trains_evaluates_and_tabulates_without_redoing_work(tmp_path, capsys):

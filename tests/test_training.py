@@ -1,6 +1,5 @@
 """training.py end to end on small subsets: outputs, resume, interruption, bad flags."""
 import csv
-import functools
 import os
 import signal
 
@@ -8,7 +7,6 @@ import pytest
 import torch
 
 import training
-import utils
 from networks import Decoder, Encoder
 
 SMALL = ["--num-train", "512", "--batch-size", "64", "--no-progress"]
@@ -32,29 +30,6 @@ def assert_same_weights(a, b):
     for name in a:
         for key in a[name]:
             torch.testing.assert_close(a[name][key], b[name][key], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("flags", [[], ["--detach-class-posterior", "--class-kl-per-sample"], ["--group-size", "3"]])
-def test_training_step_with_the_fused_latent_layer_follows_the_composed_one(flags, monkeypatch):
-    args = training.parse_args(flags + ["--checkpoint-dir", "/nonexistent", "--batch-size", "32"])
-    gen = torch.Generator().manual_seed(0)
-    x, labels = torch.rand(4, 32, 784, generator=gen), torch.randint(0, 10, (4, 32), generator=gen)
-    trained = []
-    for composed in (False, True):
-        if composed:
-            monkeypatch.setattr(training, "latent_layer", functools.partial(utils.latent_layer, fused=False))
-        torch.manual_seed(0)
-        encoder, decoder = Encoder(10, 10), Decoder(10, 10)
-        optimizer = training.make_optimizer(encoder, decoder, args)
-        noise = torch.Generator().manual_seed(1)
-        terms = [training.train_step(encoder, decoder, optimizer, x[i],
-                                     training.training_groups(labels[i], args.group_size), args, noise)
-                 for i in range(4)]
-        trained.append((torch.stack(terms), {**encoder.state_dict(), **decoder.state_dict()}))
-    (fused_terms, fused_weights), (composed_terms, composed_weights) = trained
-    torch.testing.assert_close(fused_terms, composed_terms)
-    for key in fused_weights:
-        torch.testing.assert_close(fused_weights[key], composed_weights[key])
 
 
 def test_short_run_lowers_the_loss_and_writes_every_output(tmp_path):

@@ -14,7 +14,7 @@ def test_writes_the_three_maps_as_png(tiny_run, tmp_path, capsys):
 
 def test_group_members_share_their_class_point_with_evidence(tiny_run):
     import torch
-    from utils import load_models
+    from runs import load_models
 
     args = tsne.build_parser().parse_args(["--checkpoint-dir", str(tiny_run)])
     encoder, _, _ = load_models(args, torch.device("cpu"))

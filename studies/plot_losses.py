@@ -3,14 +3,13 @@
 One panel per term, one line per run, against the epoch; the values are the per-epoch means that
 training.py logs (each term divided by batch*784). No tensorboard needed.
 
-    python plot_losses.py                                # checkpoints/mlvae_eps0.1/losses.png
-    python plot_losses.py --checkpoint-dir checkpoints/mlvae_eps0.1 checkpoints/mlvae_eps1 \\
+    python -m studies.plot_losses                                # checkpoints/mlvae_eps0.1/losses.png
+    python -m studies.plot_losses --checkpoint-dir checkpoints/mlvae_eps0.1 checkpoints/mlvae_eps1 \\
         --out images/losses.png
 """
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import matplotlib
@@ -18,8 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 
-from training import read_log
-from utils import DEFAULT_RUN, save_figure, script_parser
+from runs import DEFAULT_RUN, read_log, save_figure, script_parser
 
 TERMS = {"reconstruction": "reconstruction", "style_kl": "style KL", "class_kl": "class KL"}
 
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> Path:
         path = run_dir / "log.csv"
         if not path.is_file():
             parser.error(f"no log at {path}; point --checkpoint-dir at a run folder written by training.py")
-        rows = read_log(path, up_to_epoch=math.inf)
+        rows = read_log(path)
         if not rows or not set(TERMS) <= set(rows[0]):
             parser.error(f"{path} holds no epochs with the columns {', '.join(TERMS)}")
         logs[run_dir.name] = rows

@@ -7,11 +7,11 @@ alone. Three probes, all trained once on the single-image class posterior means 
 images: logistic regression, 5-nearest neighbours and the reference's MLP. Nothing here groups a test
 batch by label, so no probe can read the label off the batch layout.
 
-    python group_size.py --json images/group_size_mlvae_eps0.1.json
-    python group_size.py --encoder ../shared/reference/checkpoints/encoder_0.1_var_reparam \
+    python -m studies.group_size --json results/group_size_mlvae_eps0.1.json
+    python -m studies.group_size --encoder ../shared/reference/checkpoints/encoder_0.1_var_reparam \
         --decoder ../shared/reference/checkpoints/decoder_0.1_var_reparam --eps-std 0.1 \
-        --json images/group_size_reference_eps0.1.json \
-        --compare images/group_size_mlvae_eps0.1.json --out images/group_size.png
+        --json results/group_size_reference_eps0.1.json \
+        --compare results/group_size_mlvae_eps0.1.json --out images/group_size.png
 """
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
 import data_loader
-from networks import Classifier
-from utils import (add_model_arguments, add_split_argument, device_and_models, draw_evidence_sets, encode,
-                   fused_means, save_figure, script_parser, write_text_atomic)
+from evaluation import draw_evidence_sets, encode, predict, train_latent_classifiers
+from runs import add_model_arguments, add_split_argument, device_and_models, save_figure, script_parser, write_text_atomic
+from utils import fused_means
 
 GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -37,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     add_split_argument(parser)
     parser.add_argument("--group-sizes", type=int, nargs="+", default=list(GROUP_SIZES), help="values of K")
-    parser.add_argument("--mlp-steps", type=int, default=3000, help="training steps of the MLP probe")
+    parser.add_argument("--mlp-steps", type=int, default=3000, help="training steps of the MLP probe (the latent-classifier recipe of classifier.py, on posterior means)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the evidence draws and the MLP probe")
     parser.add_argument("--label", default=None, help="name of this model in the figure (default: its path)")
     parser.add_argument("--json", default=None, help="write the accuracies here")
@@ -46,35 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_mlp_probe(z: torch.Tensor, labels: torch.Tensor, steps: int, seed: int) -> Classifier:
-    """The reference's latent classifier, trained with Adam lr 1e-4 on batches of 128 posterior means."""
-    torch.manual_seed(seed)
-    model = Classifier(z.shape[1], int(labels.max()) + 1).to(z.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    generator = torch.Generator(device=z.device).manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        index = torch.randint(len(z), (128,), generator=generator, device=z.device)
-        loss = F.cross_entropy(model(z[index]), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     device, encoder, _, settings = device_and_models(parser, args)
     (train_x, train_y), (test_x, test_y) = data_loader.evaluation_splits(args.data_dir, settings.dataset,
                                                                          args.split, device)
-    train_mu = encode(encoder, train_x)[2]
+    train_posteriors = encode(encoder, train_x)
+    train_mu = train_posteriors[2]
     _, _, test_mu, test_logvar = encode(encoder, test_x)
     probes = {
         "logistic": LogisticRegression(max_iter=1000).fit(train_mu.cpu().numpy(), train_y.cpu().numpy()),
         "knn": KNeighborsClassifier(n_neighbors=5).fit(train_mu.cpu().numpy(), train_y.cpu().numpy()),
     }
-    mlp = train_mlp_probe(train_mu, train_y, args.mlp_steps, args.seed)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    _, mlp = train_latent_classifiers(train_posteriors, train_y, iterations=args.mlp_steps, batch_size=128, lr=1e-4,
+                                      evidence=False, eps_std=settings.eps_std, sampled=False, generator=generator,
+                                      progress=False)
     generator = torch.Generator().manual_seed(args.seed)
     results = {"label": args.label or str(settings.encoder_path), "split": args.split,
                "group_sizes": args.group_sizes,
@@ -84,8 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         z = fused_means(test_mu, test_logvar, members)
         for name, probe in probes.items():
             results[name].append(100.0 * probe.score(z.cpu().numpy(), test_y.cpu().numpy()))
-        with torch.no_grad():
-            results["mlp"].append(100.0 * (mlp(z).argmax(1) == test_y).float().mean().item())
+        results["mlp"].append(100.0 * (predict(mlp, z) == test_y).float().mean().item())
         print(f"K={k:4d}  " + "  ".join(f"{name} {results[name][-1]:6.2f}" for name in ("logistic", "knn", "mlp")),
               flush=True)
     if args.json:

@@ -1,7 +1,7 @@
-"""Train the pixel-space CNN that judges swap generations (see swap_score.py), and report its test accuracy.
+"""Train the pixel-space CNN that judges swap generations (see studies/swap_score.py), and report its test accuracy.
 
-    python pixel_classifier.py                            # -> checkpoints/pixel_classifier_mnist.pt
-    python pixel_classifier.py --dataset fashion-mnist    # -> checkpoints/pixel_classifier_fashion-mnist.pt
+    python -m studies.pixel_classifier                            # -> checkpoints/pixel_classifier_mnist.pt
+    python -m studies.pixel_classifier --dataset fashion-mnist    # -> checkpoints/pixel_classifier_fashion-mnist.pt
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data_loader
+from evaluation import predict
 from networks import PixelClassifier
-from utils import atomic_save, pick_device, script_parser
+from runs import atomic_save, pick_device, script_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,22 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@torch.no_grad()
-def predict(model: PixelClassifier, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Predicted labels [N] of images [N, 1, 28, 28] (or [N, 784]), in eval mode."""
-    model.eval()
-    return torch.cat([model(chunk).argmax(1) for chunk in images.split(batch_size)])
-
-
-def load_pixel_classifier(path: str | Path, device: torch.device) -> PixelClassifier:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no pixel classifier at {path}; train one with `python pixel_classifier.py`")
-    model = PixelClassifier().to(device)
-    model.load_state_dict(torch.load(path, weights_only=True, map_location=device))
-    return model.eval()
-
-
 def main(argv: list[str] | None = None) -> float:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -62,11 +47,9 @@ def main(argv: list[str] | None = None) -> float:
     test_images, test_labels = data_loader.load_split(args.data_dir, "test", args.dataset, device)
     model = PixelClassifier().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    steps = len(images) // args.batch_size
     for epoch in range(args.epochs):
         model.train()
-        perm = torch.randperm(len(images), generator=generator, device=device)
-        bar = tqdm(perm[: steps * args.batch_size].split(args.batch_size), desc=f"epoch {epoch + 1}",
+        bar = tqdm(data_loader.epoch_batches(len(images), args.batch_size, generator), desc=f"epoch {epoch + 1}",
                    disable=args.no_progress, leave=False)
         for index in bar:
             loss = F.cross_entropy(model(images[index]), labels[index])

@@ -6,8 +6,8 @@ measured on train images [50000, 60000) with the committed evaluation scripts: `
 validation --group-sizes 1` (single-image class posterior means under logistic, kNN and MLP probes).
 Runs go to sweeps/<name>/ (not committed); a finished run or evaluation is not redone.
 
-    python sweep.py --epochs 30 --jobs 2 --out results/sweep_validation.md
-    python sweep.py --configs paper stylekl4 --epochs 5 --iterations 500    # a quick look
+    python -m studies.sweep --epochs 30 --jobs 2 --out results/sweep_validation.md
+    python -m studies.sweep --configs paper stylekl4 --epochs 5 --iterations 500    # a quick look
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from data_loader import VALIDATION_START
 from networks import PIXELS
-from utils import script_parser, write_text_atomic
+from runs import script_parser, write_text_atomic
 
 # name -> training.py flags on top of the defaults (paper-correct ML-VAE, eps std 0.1, mse).
 CONFIGS = {
@@ -68,7 +68,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         commands.append(["classifier.py", *evaluation, "--both", "--iterations", str(args.iterations),
                          "--no-progress", "--json", str(run_dir / "classifier.json")])
     if not (run_dir / "group_size.json").is_file():
-        commands.append(["group_size.py", *evaluation, "--group-sizes", "1",
+        commands.append(["-m", "studies.group_size", *evaluation, "--group-sizes", "1",
                          "--json", str(run_dir / "group_size.json")])
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "sweep.log", "a") as log:

@@ -6,7 +6,7 @@ class and label every held-out test image by its nearest prototype. With class c
 the group posterior mean of the S shots, fused by evidence accumulation; in the pixel baseline it is
 the mean image. Averaged over `--trials` random draws of the shots.
 
-    python few_shot.py --checkpoint-dir checkpoints/mlvae_eps0.1_classes01234567 --held-out 8 9
+    python -m studies.few_shot --checkpoint-dir checkpoints/mlvae_eps0.1_classes01234567 --held-out 8 9
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import json
 import torch
 
 import data_loader
-from utils import (add_model_arguments, device_and_models, encode, fused_means, script_parser,
-                   write_text_atomic)
+from evaluation import encode, sample_per_label
+from runs import add_model_arguments, device_and_models, script_parser, write_text_atomic
+from utils import fused_means
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,17 +39,6 @@ def nearest_prototype_accuracy(prototypes: torch.Tensor, queries: torch.Tensor, 
     return (distances.argmin(dim=2) == targets).float().mean(dim=1)
 
 
-def draw_shots(labels: torch.Tensor, classes: list[int], shots: int, trials: int,
-               generator: torch.Generator) -> torch.Tensor:
-    """[T, C, S] indices of S distinct training images of each class, for T independent trials."""
-    draws = []
-    for label in classes:
-        index = (labels == label).nonzero().squeeze(1).cpu()
-        picks = torch.rand(trials, len(index), generator=generator).argsort(dim=1)[:, :shots]
-        draws.append(index[picks])
-    return torch.stack(draws, dim=1).to(labels.device)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -66,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("| shots per class | class code (evidence-fused prototype) | pixels (mean-image prototype) |")
     print("| --- | --- | --- |")
     for shots in args.shots:
-        picks = draw_shots(train_y, sorted(args.held_out), shots, args.trials, generator)  # [T, C, S]
+        picks = sample_per_label(train_y, sorted(args.held_out), shots, args.trials, generator)  # [T, C, S]
         code_prototypes = fused_means(train_mu, train_logvar, picks.flatten(0, 1)).view(*picks.shape[:2], -1)
         pixel_prototypes = train_pixels[picks].mean(dim=2)
         row = []

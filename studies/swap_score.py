@@ -2,7 +2,7 @@
 
 For `--num-styles` test images (style sources) and each of the ten labels, a class source is drawn at
 random among the test images of that label; the decoder renders the style source's style with the
-class source's code (posterior means), and a pixel-space CNN (pixel_classifier.py) labels the result.
+class source's code (posterior means), and a pixel-space CNN (studies/pixel_classifier.py) labels the result.
 
 - content transfer: share of generations labelled as their class source's label (chance: 10%);
 - style leak: share labelled as their style source's label, over pairs whose labels differ;
@@ -11,7 +11,7 @@ class source's code (posterior means), and a pixel-space CNN (pixel_classifier.p
 "with evidence" replaces a class source's code by the posterior fused over it and `--evidence-size`-1
 other test images of its label.
 
-    python swap_score.py --json images/swap_score_mlvae_eps0.1.json
+    python -m studies.swap_score --json results/swap_score_mlvae_eps0.1.json
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import json
 import torch
 
 import data_loader
-from pixel_classifier import load_pixel_classifier, predict
-from utils import (add_model_arguments, device_and_models, draw_evidence_sets, encode, fused_means,
-                   script_parser, write_text_atomic)
+from evaluation import draw_evidence_sets, encode, load_pixel_classifier, predict, sample_per_label
+from runs import add_model_arguments, device_and_models, script_parser, write_text_atomic
+from utils import fused_means
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,10 +48,7 @@ def swap_scores(encoder: torch.nn.Module, decoder: torch.nn.Module, classifier: 
     classes = labels.unique()
     styles = torch.randperm(len(images), generator=generator)[:num_styles].to(images.device)
     # For every (style source, label): a random test image of that label as the class source.
-    sources = torch.stack([
-        (labels == c).nonzero().squeeze(1)[
-            torch.randint(int((labels == c).sum()), (len(styles),), generator=generator).to(images.device)]
-        for c in classes], dim=1)  # [S, C]
+    sources = sample_per_label(labels, classes.tolist(), 1, len(styles), generator).squeeze(2)  # [S, C]
     codes = {"no_evidence": class_mu,
              "with_evidence": fused_means(class_mu, class_logvar,
                                           draw_evidence_sets(labels, evidence_size, generator))}

@@ -33,7 +33,7 @@ import data_loader
 import training
 import utils
 from networks import HIDDEN, PIXELS, Decoder, Encoder
-from utils import script_parser
+from runs import script_parser
 
 MNIST_TRAIN = 60000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -210,13 +210,12 @@ def loop_group_wise_reparameterize(mu: torch.Tensor, logvar: torch.Tensor, group
 
 @contextmanager
 def loop_baseline():
-    """Run training.compute_losses with the latent layer composed (utils.latent_layer, fused=False), its
+    """Run training.compute_losses with its
     two grouped operations replaced by their loop versions.
 
     Everything else (networks, reconstruction loss, Adam) stays the real training step.
     """
-    with mock.patch.object(training, "latent_layer", functools.partial(utils.latent_layer, fused=False)), \
-            mock.patch.multiple(utils, accumulate_group_evidence=loop_accumulate_group_evidence,
+    with mock.patch.multiple(utils, accumulate_group_evidence=loop_accumulate_group_evidence,
                                 group_wise_reparameterize=loop_group_wise_reparameterize):
         yield
 

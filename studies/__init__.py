@@ -1,0 +1,1 @@
+"""Studies beyond the design card: evaluations, ablations and benchmarks. Run as `python -m studies.<name>`."""
