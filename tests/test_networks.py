@@ -32,8 +32,18 @@ def test_gaussian_decoder_bounds_its_log_variance():
     assert logvar.abs().max() <= 5.0
 
 
-def test_classifier_gives_logits():
-    assert Classifier(7, 10)(torch.randn(6, 7)).shape == (6, 10)
+def test_classifier_learns_to_separate_two_planted_clusters():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (256,))
+    z = torch.randn(256, 7) + 3.0 * labels.unsqueeze(1)
+    model = Classifier(7, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(50):
+        loss = torch.nn.functional.cross_entropy(model(z), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (model.eval()(z).argmax(1) == labels).float().mean() > 0.95
 
 
 @pytest.mark.parametrize("eps", ["0.1", "1"])

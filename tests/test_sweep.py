@@ -11,8 +11,11 @@ def test_sweep_trains_evaluates_and_tabulates_without_redoing_work(tmp_path, cap
             "--jobs", "2", "--sweep-dir", str(tmp_path / "sw"), "--out", str(tmp_path / "table.md")]
     rows = sweep.main(argv)
     assert [row["config"] for row in rows] == ["paper", "stylekl4"]
-    for row in rows:
-        assert 0 <= row["style val"] <= 100 and 0 <= row["K=1 logistic"] <= 100
+    for row in rows:  # each row is read from its run's own evaluation files
+        without, with_evidence = json.loads((tmp_path / "sw" / row["config"] / "classifier.json").read_text())
+        probes = json.loads((tmp_path / "sw" / row["config"] / "group_size.json").read_text())
+        assert (row["style val"], row["class val (evidence)"]) == (without["style_test"], with_evidence["class_test"])
+        assert row["K=1 logistic"] == probes["logistic"][0]
         assert row["style KL (nats/image)"] > 0
     table = (tmp_path / "table.md").read_text()
     assert "| stylekl4 | `--style-kl-coef 4` |" in table and "0-511" in table
