@@ -9,8 +9,8 @@ label, one noise vector per group, scaled by the model's eps std), as in the ref
     python classifier.py --both                       # the shipped run (checkpoints/mlvae_eps0.1)
     python classifier.py --both --latents means       # the same protocol on posterior means
     python classifier.py --both --eps-std 0.1 \\
-        --encoder ../shared/reference/checkpoints/encoder_0.1_var_reparam \\
-        --decoder ../shared/reference/checkpoints/decoder_0.1_var_reparam
+        --encoder $MLVAE_REFERENCE_DIR/encoder_0.1_var_reparam \\
+        --decoder $MLVAE_REFERENCE_DIR/decoder_0.1_var_reparam
 
 The encoder runs once over each split; the training loop only samples from the stored posteriors.
 """
@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-import torch
 
 import data_loader
-from evaluation import encode, latent_accuracies, train_latent_classifiers
-from runs import add_model_arguments, add_split_argument, device_and_models, script_parser, write_text_atomic
+from evaluation import classifier_protocol, encode
+from runs import (POSITIVE, POSITIVE_INT, Bounded, UserError, add_model_arguments, add_split_argument, check_finite,
+                  check_writable, device_and_models, reports_errors, script_parser, write_text_atomic)
 
 COLUMNS = ("latents", "eps std", "style dim", "class dim", "evidence", "style train", "style test", "class train",
            "class test")
@@ -41,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_split_argument(parser)
     add("--latents", choices=("sampled", "means"), default="sampled",
         help="sampled: latents drawn from the posteriors (the reference); means: the posterior means")
-    add("--iterations", type=int, default=20000, help="classifier training steps (the reference: 100000)")
-    add("--batch-size", type=int, default=128, help="images per training and evaluation batch")
-    add("--lr", type=float, default=1e-4, help="Adam learning rate of the classifiers")
+    add("--iterations", type=POSITIVE_INT, default=20000, help="classifier training steps (the reference: 100000)")
+    add("--batch-size", type=Bounded(int, 2), default=128,
+        help="images per training and evaluation batch (at least 2: BatchNorm)")
+    add("--lr", type=POSITIVE, default=1e-4, help="Adam learning rate of the classifiers")
     add("--seed", type=int, default=0, help="seed of the classifiers' weights, the batch order and the noise")
     add("--json", default=None, help="also write the numbers here (one object; a list of two with --both)")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -61,39 +60,32 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.iterations < 1:
-        parser.error("--iterations must be at least 1")
-    if args.batch_size < 2:
-        parser.error("--batch-size must be at least 2 (BatchNorm needs two rows)")
+    if args.json:
+        check_writable(args.json, "--json")
     device, encoder, _, settings = device_and_models(parser, args)
-    try:
-        (train_images, train_labels), (test_images, test_labels) = data_loader.evaluation_splits(
-            args.data_dir, settings.dataset, args.split, device)
-    except data_loader.DatasetFileError as error:
-        sys.exit(f"error: {error}")
-    if len(train_labels) < args.batch_size:
-        parser.error(f"--batch-size {args.batch_size} is larger than the {len(train_labels)} training images")
+    (train_images, train_labels), (test_images, test_labels) = data_loader.evaluation_splits(
+        args.data_dir, settings.dataset, args.split, device)
+    smallest = min(len(train_labels), len(test_labels))
+    if args.batch_size > smallest:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {smallest} images of a split (accuracy "
+                        f"is measured over whole batches); pass at most {smallest}")
     # The posteriors of every image, computed once; the classifiers then only sample from them.
     train = encode(encoder, train_images), train_labels
     test = encode(encoder, test_images), test_labels
     rows = []
     for evidence in ((False, True) if args.both else (args.accumulate_evidence,)):
-        torch.manual_seed(args.seed)
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-        protocol = dict(batch_size=args.batch_size, evidence=evidence, eps_std=settings.eps_std,
-                        sampled=args.latents == "sampled", generator=generator)
-        models = train_latent_classifiers(*train, iterations=args.iterations, lr=args.lr,
-                                          progress=not args.no_progress, **protocol)
         # The reference left BatchNorm in training mode, so each batch was normalised by its own statistics.
-        batch_stats = args.batchnorm_batch_stats
-        style_train, class_train = latent_accuracies(models, *train, batch_stats=batch_stats, **protocol)
-        style_test, class_test = latent_accuracies(models, *test, batch_stats=batch_stats, **protocol)
-        rows.append({"latents": args.latents, "eps_std": settings.eps_std, "style_dim": settings.style_dim, "class_dim": settings.class_dim,
-                     "evidence": evidence, "style_train": style_train, "style_test": style_test,
-                     "class_train": class_train, "class_test": class_test})
+        accuracies, _ = classifier_protocol(train, test, sampled=args.latents == "sampled", evidence=evidence,
+                                            eps_std=settings.eps_std, iterations=args.iterations,
+                                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                            batch_stats=args.batchnorm_batch_stats, progress=not args.no_progress)
+        rows.append({"latents": args.latents, "eps_std": settings.eps_std, "style_dim": settings.style_dim,
+                     "class_dim": settings.class_dim, "evidence": evidence, **accuracies})
+    check_finite(rows, "the classifier accuracies")
     print(f"encoder {settings.encoder_path}, {settings.dataset}, split {args.split}, "
           f"{args.iterations} classifier steps, eps std {settings.eps_std:g}")
     print(markdown_table(rows))

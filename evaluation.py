@@ -162,6 +162,26 @@ def latent_accuracies(models: tuple[Classifier, Classifier], posteriors: Posteri
                  for model, z in zip(models, latents))
 
 
+def classifier_protocol(train: tuple[Posteriors, torch.Tensor], test: tuple[Posteriors, torch.Tensor], *,
+                        sampled: bool, evidence: bool, eps_std: float, iterations: int, batch_size: int = 128,
+                        lr: float = 1e-4, seed: int = 0, batch_stats: bool = False, progress: bool = True
+                        ) -> tuple[dict[str, float], tuple[Classifier, Classifier]]:
+    """The whole latent-classifier protocol on (posteriors, labels) of a train and a test split: train
+    the style and class classifiers on the train split, then measure both on both splits.
+
+    Returns ({"style_train", "style_test", "class_train", "class_test"} in percent, the two models).
+    `seed` seeds the classifiers' initialisation (the global RNG) and the batches and noise.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=train[1].device).manual_seed(seed)
+    protocol = dict(batch_size=batch_size, evidence=evidence, eps_std=eps_std, sampled=sampled, generator=generator)
+    models = train_latent_classifiers(*train, iterations=iterations, lr=lr, progress=progress, **protocol)
+    style_train, class_train = latent_accuracies(models, *train, batch_stats=batch_stats, **protocol)
+    style_test, class_test = latent_accuracies(models, *test, batch_stats=batch_stats, **protocol)
+    return ({"style_train": style_train, "style_test": style_test, "class_train": class_train,
+             "class_test": class_test}, models)
+
+
 def load_pixel_classifier(path: str | Path, device: torch.device) -> PixelClassifier:
     """The pixel-space CNN of pixel_classifier.py; FileNotFoundError names the command that trains one."""
     path = Path(path)

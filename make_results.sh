@@ -1,56 +1,82 @@
 #!/usr/bin/env bash
-# Regenerate every number and image of README.md's results from the shipped checkpoints.
-# Usage: bash make_results.sh [REFERENCE_CHECKPOINTS]   (default: ../shared/reference/checkpoints)
-# About 40 minutes on 2 CPU cores; each command is also quoted in README.md beside its output.
-# The validation sweep that chose the settings trains its own short runs, so it is not repeated here:
-#   python sweep.py --epochs 30 --jobs 2 --out results/sweep_validation.md
+# Regenerate every file under results/ and every figure under images/ from the shipped checkpoints.
+# Usage: bash make_results.sh [REFERENCE_CHECKPOINTS]
+#   REFERENCE_CHECKPOINTS: the reference's published weights (default: $MLVAE_REFERENCE_DIR, else
+#   ../shared/reference/checkpoints); the steps that need them are skipped when they are absent.
+# JOBS=2 (default) runs that many evaluations at once, one thread each. Each step's command is also
+# quoted in README.md or docs/ beside its output. Steps, in order:
+#   1. studies.evaluate on every run folder under checkpoints/ (all seeds) and on the reference's weights
+#      -> results/eval_<run>.json; then studies.aggregate -> results/headline.md, results/evaluations.md,
+#      images/group_size.png and the headline block of README.md;
+#   2. swap grids, t-SNE maps and loss curves -> images/;
+#   3. few-shot on held-out digits, the reference's 100,000-step classifier cross-check;
+#   4. the validation sweep (reuses finished runs under sweeps/, else trains 9 short runs) and the
+#      speed benchmark (2 threads; run it on an otherwise idle machine).
 set -euo pipefail
 cd "$(dirname "$0")"
-ref=${1:-../shared/reference/checkpoints}
+ref=${1:-${MLVAE_REFERENCE_DIR:-../shared/reference/checkpoints}}
+jobs_max=${JOBS:-2}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p results images
-
-# Swap grids, t-SNE and loss curves of the two paper-correct runs; swap grids of the style-KL variant.
-for run in mlvae_eps0.1 mlvae_eps1; do
-  python inference.py --checkpoint-dir checkpoints/$run
-  python inference.py --checkpoint-dir checkpoints/$run --accumulate-evidence
-  python tsne.py --checkpoint-dir checkpoints/$run
-done
-python inference.py --checkpoint-dir checkpoints/mlvae_eps0.1_stylekl4
-python inference.py --checkpoint-dir checkpoints/mlvae_eps0.1_stylekl4 --accumulate-evidence
-python plot_losses.py --checkpoint-dir checkpoints/mlvae_eps0.1 checkpoints/mlvae_eps1 \
-  checkpoints/reference_objective_eps0.1 --out images/losses.png
-
-# Latent-classifier tables (the reference's protocol) and swap scores.
-for run in mlvae_eps0.1 mlvae_eps1 reference_objective_eps0.1 \
-           mlvae_klpersample_eps0.1 mlvae_eps0.1_stylekl4 mlvae_eps0.1_fashion-mnist \
-           mlvae_eps0.1_epoch100 reference_objective_eps0.1_epoch100 mlvae_detach_eps0.1_epoch100; do
-  python classifier.py --both --no-progress --checkpoint-dir checkpoints/$run --json results/classifier_$run.json \
-    | tee results/classifier_$run.md
-  python swap_score.py --checkpoint-dir checkpoints/$run --json results/swap_score_$run.json \
-    | tee results/swap_score_$run.md
-done
-python inference.py --checkpoint-dir checkpoints/mlvae_eps0.1_fashion-mnist
-python inference.py --checkpoint-dir checkpoints/mlvae_eps0.1_fashion-mnist --accumulate-evidence
-
-# The reference's published weights: its table with our evaluation, at the eps std of each training.
-if [ -f "$ref/encoder_0.1_var_reparam" ]; then
-  for eps in 0.1 1; do
-    weights=(--eps-std $eps --encoder "$ref/encoder_${eps}_var_reparam" --decoder "$ref/decoder_${eps}_var_reparam")
-    python classifier.py --both --no-progress "${weights[@]}" --json results/classifier_reference_eps$eps.json \
-      | tee results/classifier_reference_eps$eps.md
-    python swap_score.py "${weights[@]}" --json results/swap_score_reference_eps$eps.json \
-      | tee results/swap_score_reference_eps$eps.md
-  done
-  python group_size.py --encoder "$ref/encoder_0.1_var_reparam" --decoder "$ref/decoder_0.1_var_reparam" \
-    --eps-std 0.1 --label "reference weights, eps 0.1" --json results/group_size_reference_eps0.1.json
+have_ref=false
+if [ -f "$ref/encoder_0.1_var_reparam" ] && [ -f "$ref/encoder_1_var_reparam" ]; then
+  have_ref=true
+else
+  echo "note: no reference weights at $ref; skipping the steps that need them" >&2
 fi
 
-# Test-time group size, and few-shot classes never seen in training.
-python group_size.py --checkpoint-dir checkpoints/mlvae_eps0.1_stylekl4 --label "ours, mlvae_eps0.1_stylekl4" \
-  --json results/group_size_mlvae_eps0.1_stylekl4.json
-python group_size.py --checkpoint-dir checkpoints/mlvae_eps0.1 --label "ours, mlvae_eps0.1" \
-  --json results/group_size_mlvae_eps0.1.json \
-  --compare results/group_size_mlvae_eps0.1_stylekl4.json $(ls results/group_size_reference_eps0.1.json 2>/dev/null) \
-  --out images/group_size.png
-python few_shot.py --checkpoint-dir checkpoints/mlvae_eps0.1_classes01234567 --json results/few_shot.json \
+# Run a command in the background, at most $jobs_max at once; a failed one stops the script.
+background() {
+  "$@" &
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
+}
+
+# 1. Every number of every run, then the headline tables.
+for dir in checkpoints/*/; do
+  run=$(basename "$dir")
+  [ -f "$dir/encoder.pt" ] || continue
+  background python -m studies.evaluate --no-progress --checkpoint-dir "$dir" --json "results/eval_$run.json"
+done
+if $have_ref; then
+  for eps in 0.1 1; do
+    background python -m studies.evaluate --no-progress --eps-std $eps --name reference_eps$eps \
+      --encoder "$ref/encoder_${eps}_var_reparam" --decoder "$ref/decoder_${eps}_var_reparam" \
+      --json "results/eval_reference_eps$eps.json"
+  done
+fi
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done
+python -m studies.aggregate
+
+# 2. Figures: swap grids without and with evidence, t-SNE maps, loss curves.
+for run in mlvae_eps0.1 mlvae_eps1 mlvae_eps0.1_stylekl4 mlvae_eps0.1_fashion-mnist; do
+  python inference.py --checkpoint-dir checkpoints/$run
+  python inference.py --checkpoint-dir checkpoints/$run --accumulate-evidence
+done
+background python tsne.py --checkpoint-dir checkpoints/mlvae_eps0.1
+background python tsne.py --checkpoint-dir checkpoints/mlvae_eps1
+if $have_ref; then
+  for eps in 0.1 1; do
+    weights=(--eps-std $eps --encoder "$ref/encoder_${eps}_var_reparam" --decoder "$ref/decoder_${eps}_var_reparam")
+    python inference.py "${weights[@]}" --out images/reference_swap_eps${eps}_no_evidence.png
+    python inference.py "${weights[@]}" --accumulate-evidence --out images/reference_swap_eps${eps}_evidence.png
+  done
+  background python tsne.py --eps-std 0.1 --encoder "$ref/encoder_0.1_var_reparam" \
+    --decoder "$ref/decoder_0.1_var_reparam" --out images/reference_tsne_eps0.1.png
+fi
+python -m studies.plot_losses --checkpoint-dir checkpoints/mlvae_eps0.1 checkpoints/mlvae_eps1 \
+  checkpoints/reference_objective_eps0.1 --log-scale --out images/losses.png
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done
+
+# 3. Few-shot classes never seen in training; the reference's std-1 weights with a 100,000-step classifier.
+python -m studies.few_shot --checkpoint-dir checkpoints/mlvae_eps0.1_classes01234567 --json results/few_shot.json \
   | tee results/few_shot.md
+if $have_ref; then
+  python classifier.py --accumulate-evidence --iterations 100000 --no-progress --eps-std 1 \
+    --encoder "$ref/encoder_1_var_reparam" --decoder "$ref/decoder_1_var_reparam" \
+    --json results/classifier_reference_eps1_evidence_100k.json | tee results/classifier_reference_eps1_evidence_100k.md
+fi
+
+# 4. The validation sweep that chose the settings, and the speed benchmark (two threads).
+python -m studies.sweep --epochs 30 --jobs 2 --out results/sweep_validation.md
+OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 python -m studies.benchmark --compile --json results/benchmark.json \
+  | tee results/benchmark.md

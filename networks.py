@@ -5,6 +5,15 @@ strict: `Encoder(10, 10).load_state_dict(torch.load(path, weights_only=True))`.
 
     encoder: x(784) -> Linear 500 -> tanh -> {style_mu, style_logvar, class_mu, class_logvar} (Linear 500 -> dim)
     decoder: cat(style, class) -> Linear 500 -> tanh -> Linear 784 -> sigmoid
+
+`--arch conv` swaps in the cycle-consistent VAE's MNIST networks (Jha et al., ECCV 2018; code
+ananyahjha93/cycle-consistent-vae, networks.py) with ML-VAE's four Gaussian heads kept:
+
+    encoder: x(1x28x28) -> [Conv 5x5 s2 p1 -> InstanceNorm -> ReLU] x3 (16, 32, 64 ch: 13, 6, 2 px)
+             -> 256 -> {style_mu, style_logvar, class_mu, class_logvar} (Linear 256 -> dim)
+    decoder: style -> Linear 256, class -> Linear 256 (each LeakyReLU 0.2) -> cat -> 128x2x2
+             -> [ConvT 4x4 s2 -> InstanceNorm -> LeakyReLU 0.2] x2 (32, 16 ch: 6, 14 px)
+             -> ConvT 4x4 s2 p1 (1 ch: 28 px) -> sigmoid
 """
 from __future__ import annotations
 
@@ -15,6 +24,8 @@ from torch import nn
 PIXELS = 28 * 28
 HIDDEN = 500
 LIKELIHOODS = ("mse", "bernoulli", "gaussian")
+ARCHS = ("mlp", "conv")
+CONV_FEATURES = 64 * 2 * 2  # the conv encoder's features, and each code's width in the conv decoder
 # The learned per-pixel log-variance of the gaussian likelihood is squashed into [-BOUND, BOUND].
 PIXEL_LOGVAR_BOUND = 5.0
 
@@ -82,6 +93,85 @@ class Decoder(nn.Module):
         """Return images [B, 1, 28, 28] in [0, 1]."""
         logits, _ = self.logits(style, class_)
         return torch.sigmoid(logits).view(-1, 1, 28, 28)
+
+
+def init_cycle_vae_(module: nn.Module) -> None:
+    """The cycle-consistent VAE's initialisation: Conv2d and Linear weights N(0, 0.05), biases 0;
+    the transposed convolutions keep PyTorch's default, as there."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(layer.weight, 0.0, 0.05)
+            nn.init.zeros_(layer.bias)
+
+
+def conv_block(in_channels: int, out_channels: int) -> list[nn.Module]:
+    # InstanceNorm normalises each image on its own, in training and in evaluation alike (the
+    # cycle-consistent VAE tracks running statistics, which makes eval() compute another function).
+    return [nn.Conv2d(in_channels, out_channels, 5, stride=2, padding=1), nn.InstanceNorm2d(out_channels),
+            nn.ReLU(inplace=True)]
+
+
+def deconv_block(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2), nn.InstanceNorm2d(out_channels),
+            nn.LeakyReLU(0.2, inplace=True)]
+
+
+class ConvEncoder(nn.Module):
+    """Encoder's interface on the cycle-consistent VAE's convolutions: 28 -> 13 -> 6 -> 2 pixels."""
+
+    def __init__(self, style_dim: int, class_dim: int) -> None:
+        super().__init__()
+        self.conv_model = nn.Sequential(*conv_block(1, 16), *conv_block(16, 32), *conv_block(32, 64),
+                                        nn.Flatten())
+        self.style_mu = nn.Linear(CONV_FEATURES, style_dim)
+        self.style_logvar = nn.Linear(CONV_FEATURES, style_dim)
+        self.class_mu = nn.Linear(CONV_FEATURES, class_dim)
+        self.class_logvar = nn.Linear(CONV_FEATURES, class_dim)
+        init_cycle_vae_(self)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (style_mu, style_logvar, class_mu, class_logvar), each [B, dim]."""
+        features = self.conv_model(x.reshape(x.shape[0], 1, 28, 28))
+        return (self.style_mu(features), self.style_logvar(features), self.class_mu(features),
+                self.class_logvar(features))
+
+
+class ConvDecoder(nn.Module):
+    """Decoder's interface on the cycle-consistent VAE's transposed convolutions: 2 -> 6 -> 14 -> 28 pixels."""
+
+    def __init__(self, style_dim: int, class_dim: int, likelihood: str = "mse") -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}")
+        if likelihood == "gaussian":
+            raise ValueError("the conv decoder has no pixel log-variance head; use --likelihood mse or bernoulli")
+        self.likelihood = likelihood
+        self.style_input = nn.Linear(style_dim, CONV_FEATURES)
+        self.class_input = nn.Linear(class_dim, CONV_FEATURES)
+        self.deconv_model = nn.Sequential(*deconv_block(128, 32), *deconv_block(32, 16),
+                                          nn.ConvTranspose2d(16, 1, 4, stride=2, padding=1))
+        init_cycle_vae_(self)
+
+    def logits(self, style: torch.Tensor, class_: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Pre-sigmoid pixel means [B, 784], and None (no pixel log-variance)."""
+        codes = torch.cat([F.leaky_relu(self.style_input(style), 0.2),
+                           F.leaky_relu(self.class_input(class_), 0.2)], dim=1)
+        return self.deconv_model(codes.view(-1, 128, 2, 2)).flatten(1), None
+
+    def forward(self, style: torch.Tensor, class_: torch.Tensor) -> torch.Tensor:
+        """Return images [B, 1, 28, 28] in [0, 1]."""
+        logits, _ = self.logits(style, class_)
+        return torch.sigmoid(logits).view(-1, 1, 28, 28)
+
+
+def build_networks(arch: str, style_dim: int, class_dim: int,
+                   likelihood: str = "mse") -> tuple[nn.Module, nn.Module]:
+    """The (encoder, decoder) pair of `arch`: "mlp" (the reference's) or "conv" (the cycle-consistent VAE's)."""
+    if arch == "mlp":
+        return Encoder(style_dim, class_dim), Decoder(style_dim, class_dim, likelihood)
+    if arch == "conv":
+        return ConvEncoder(style_dim, class_dim), ConvDecoder(style_dim, class_dim, likelihood)
+    raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 
 class Classifier(nn.Module):

@@ -5,12 +5,15 @@ digit in the batch are fused by group evidence accumulation, one class code is s
 the decoder rebuilds every image from its own style sample and its group's class sample.
 
     python training.py                                   # paper-correct ML-VAE, eps std 0.1, 400 epochs
-    python training.py --epochs 1 --num-train 2048       # a quick smoke run
+    python training.py --epochs 1 --num-train 2048 --run-name smoke   # a quick smoke run
     python training.py --detach-class-posterior --class-kl-per-sample   # the reference's objective
-    tensorboard --logdir runs                            # watch the losses
+    tensorboard --logdir runs                            # watch losses, reconstructions and swap grids
 
-Writes checkpoints/<run-name>/{encoder.pt, decoder.pt, training_state.pt, log.csv} and tensorboard
-scalars under runs/<run-name>. `--resume` continues a stopped run; Ctrl-C saves and exits.
+Writes out/<run-name>/{encoder.pt, decoder.pt, args.json, log.csv, training_state.pt} (the shipped
+runs in checkpoints/ are never touched unless --checkpoint-dir points there) and tensorboard logs
+under runs/<run-name>. A folder that holds a run is written into only with --resume or --overwrite.
+Ctrl-C saves and exits; `--resume` with the same --run-name continues a run stopped or killed at any
+instant, which loses at most the epochs since its last save (--save-every).
 """
 from __future__ import annotations
 
@@ -23,43 +26,52 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.adam import adam
 from tqdm import tqdm
 
 import data_loader
-from networks import LIKELIHOODS, PIXELS, Decoder, Encoder
-from runs import LOG_FIELDS, atomic_save, pick_device, read_log, script_parser, write_log, write_text_atomic
-from utils import group_index, latent_layer, reconstruction_loss, training_groups
+from evaluation import encode
+from grids import grid_image, reference_indices, swap_cells
+from networks import ARCHS, LIKELIHOODS, PIXELS, Decoder, Encoder, build_networks
+from runs import (BETA, LOG_FIELDS, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, RUN_FILES,
+                  STATE_FILE, Bounded, UserError, check_writable, fail, folder_name, pick_device, pick_threads,
+                  read_log, read_run_state, reports_errors, script_parser, write_run)
+from utils import group_index, latent_layer, num_training_groups, reconstruction_loss, training_groups
 
 # Settings that define the model and its objective: a resumed run must keep them.
-RUN_SETTINGS = ("dataset", "style_dim", "class_dim", "likelihood", "eps_std", "detach_class_posterior",
+RUN_SETTINGS = ("dataset", "arch", "style_dim", "class_dim", "likelihood", "eps_std", "detach_class_posterior",
                 "class_kl_per_sample", "reconstruction_coef", "kl_coef", "style_kl_coef", "group_size",
                 "batch_size", "lr", "beta1", "beta2", "num_train", "classes", "seed", "precision")
 PROGRESS_EVERY = 25  # steps between progress-bar updates and NaN checks (each one syncs the device)
+NUM_CLASSES = 10  # the labels of both datasets lie in [0, 10): the size of the fixed group index
+RECONSTRUCTED = 10  # tensorboard shows the first this many test images above their reconstructions
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss became NaN or Inf; the last good checkpoint is kept."""
+    """A loss became NaN or Inf; the run folder keeps its last save."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     add = parser.add_argument
-    add("--epochs", type=int, default=400, help="total epochs (a resumed run continues up to this)")
-    add("--batch-size", type=int, default=256, help="images per minibatch; a group = one digit in it")
-    add("--lr", type=float, default=1e-3, help="Adam learning rate")
-    add("--beta1", type=float, default=0.9, help="Adam beta1")
-    add("--beta2", type=float, default=0.999, help="Adam beta2")
-    add("--style-dim", type=int, default=10, help="dimension of the per-image style code")
-    add("--class-dim", type=int, default=10, help="dimension of the per-group class code")
-    add("--eps-std", type=float, default=0.1, help="std of the one noise vector drawn per group")
+    add("--epochs", type=POSITIVE_INT, default=400, help="total epochs (a resumed run continues up to this)")
+    add("--batch-size", type=Bounded(int, 2), default=256, help="images per minibatch; a group = one digit in it")
+    add("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate")
+    add("--beta1", type=BETA, default=0.9, help="Adam beta1")
+    add("--beta2", type=BETA, default=0.999, help="Adam beta2")
+    add("--style-dim", type=POSITIVE_INT, default=10, help="dimension of the per-image style code")
+    add("--class-dim", type=POSITIVE_INT, default=10, help="dimension of the per-group class code")
+    add("--eps-std", type=POSITIVE, default=0.1, help="std of the one noise vector drawn per group")
+    add("--arch", choices=ARCHS, default="mlp",
+        help="mlp: the reference's 784-500 networks; conv: the cycle-consistent VAE's convolutional ones")
     add("--likelihood", choices=LIKELIHOODS, default="mse",
         help="mse: the reference's fixed variance; bernoulli: binary cross-entropy; "
              "gaussian: learned per-pixel variance")
-    add("--reconstruction-coef", type=float, default=1.0, help="weight of the reconstruction term")
-    add("--kl-coef", type=float, default=1.0, help="weight of the style and class KL terms")
-    add("--style-kl-coef", type=float, default=1.0,
+    add("--reconstruction-coef", type=NONNEGATIVE, default=1.0, help="weight of the reconstruction term")
+    add("--kl-coef", type=NONNEGATIVE, default=1.0, help="weight of the style and class KL terms")
+    add("--style-kl-coef", type=NONNEGATIVE, default=1.0,
         help="extra weight of the style KL (a beta-VAE knob beyond the paper; 1 = the paper)")
-    add("--group-size", type=int, default=None,
+    add("--group-size", type=POSITIVE_INT, default=None,
         help="split each digit's images in a batch into groups of at most this many (beyond the paper; "
              "default: one group per digit in the batch, the paper's setup)")
     add("--detach-class-posterior", action="store_true",
@@ -68,18 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference behaviour: count the group's class KL once per member instead of once per group")
     add("--dataset", choices=sorted(data_loader.DATASETS), default="mnist", help="training data")
     add("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
-    add("--num-train", type=int, default=None, help="use only the first N training images (default: all)")
-    add("--classes", type=int, nargs="+", default=None,
+    add("--num-train", type=POSITIVE_INT, default=None,
+        help="use only the first N training images (of those of --classes; default: all)")
+    add("--classes", type=int, nargs="+", choices=range(10), metavar="LABEL", default=None,
         help="train only on images of these labels, e.g. 0 1 2 3 4 5 6 7 to hold digits 8 and 9 out")
     add("--seed", type=int, default=0, help="seed of the weights, the batch order and the noise")
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    add("--threads", type=POSITIVE_INT, default=None,
+        help="CPU threads (default: OMP_NUM_THREADS when set, else one per CPU idle when the run starts)")
     add("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 runs the networks under autocast")
-    add("--compile", action="store_true", help="torch.compile the loss computation")
-    add("--checkpoint-dir", default="checkpoints", help="runs are saved in <checkpoint-dir>/<run-name>/")
-    add("--run-name", default=None, help="default: derived from the objective, e.g. mlvae_eps0.1")
-    add("--save-every", type=int, default=5, help="epochs between checkpoints")
-    add("--resume", action="store_true", help="continue the run saved under <checkpoint-dir>/<run-name>/")
-    add("--log-dir", default="runs", help="tensorboard scalars go to <log-dir>/<run-name>/")
+    add("--compile", action="store_true",
+        help="torch.compile the whole training step (forward, backward, Adam) into one graph")
+    add("--checkpoint-dir", default="out",
+        help="runs are saved in <checkpoint-dir>/<run-name>/ (the shipped runs live in checkpoints/)")
+    add("--run-name", type=folder_name, default=None,
+        help="a folder name (default: derived from the objective, e.g. mlvae_eps0.1)")
+    add("--save-every", type=POSITIVE_INT, default=5,
+        help="epochs between checkpoints (a crash loses at most the epochs since the last one)")
+    add("--resume", action="store_true",
+        help="continue the run saved under <checkpoint-dir>/<run-name>/ with its saved settings (flags given "
+             "must agree with them, except --epochs and the logging ones); also repairs a save cut short")
+    add("--overwrite", action="store_true",
+        help="start afresh in a run folder that already holds a run, replacing it at the first save")
+    add("--log-dir", default="runs", help="tensorboard logs go to <log-dir>/<run-name>/")
+    add("--log-every", type=POSITIVE_INT, default=50,
+        help="steps between tensorboard points of the loss terms (their mean over those steps)")
+    add("--image-every", type=NONNEGATIVE_INT, default=5,
+        help="epochs between tensorboard reconstructions and swap grids (0: none)")
     add("--no-progress", action="store_true", help="no progress bars (for logs and tests)")
     return parser
 
@@ -89,6 +116,8 @@ def default_run_name(args: argparse.Namespace) -> str:
         name = "reference_objective"
     else:
         name = "mlvae" + "_detach" * args.detach_class_posterior + "_klpersample" * args.class_kl_per_sample
+    if args.arch != "mlp":
+        name += f"_{args.arch}"
     name += f"_eps{args.eps_std:g}"
     if args.likelihood != "mse":
         name += f"_{args.likelihood}"
@@ -104,62 +133,83 @@ def default_run_name(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and validate the flags; every bad value ends in an argparse-style error."""
+    """Parse and validate the flags, and check the run folder: a new run never writes into a folder that
+    holds one (unless --overwrite), and --resume takes the settings it is not given from the saved run.
+    Every problem ends in one `error:` line."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 2:
-        parser.error("--batch-size must be at least 2 (groups are formed inside a batch)")
-    for flag in ("epochs", "save_every"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("style_dim", "class_dim"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be positive")
-    if args.group_size is not None and args.group_size < 1:
-        parser.error("--group-size must be at least 1")
-    for flag in ("eps_std", "lr"):
-        if not getattr(args, flag) > 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive")
-    if args.num_train is not None and args.num_train < args.batch_size:
-        parser.error(f"--num-train ({args.num_train}) must be at least --batch-size ({args.batch_size})")
+    probe, not_given = build_parser(), object()  # argparse cannot tell a default from a given value
+    probe.set_defaults(**dict.fromkeys(vars(args), not_given))
+    given = {key for key, value in vars(probe.parse_args(argv)).items() if value is not not_given}
     try:
         args.device = pick_device(args.device)
     except ValueError as error:
         parser.error(f"--device: {error}")
     args.run_name = args.run_name or default_run_name(args)
     args.run_dir = Path(args.checkpoint_dir) / args.run_name
-    state_path = args.run_dir / "training_state.pt"
-    if args.resume:
-        if not state_path.is_file():
-            parser.error(f"--resume: no saved run at {state_path}")
-        saved = torch.load(state_path, weights_only=True, map_location="cpu")["args"]
-        # Runs saved before a setting existed ran with its default.
-        saved = {key: saved.get(key, parser.get_default(key)) for key in RUN_SETTINGS}
-        changed = [f"--{key.replace('_', '-')} (saved {saved[key]}, given {getattr(args, key)})"
-                   for key in RUN_SETTINGS if saved[key] != getattr(args, key)]
-        if changed:
-            parser.error("--resume: the saved run used other settings: " + ", ".join(changed))
-    elif state_path.exists():
-        parser.error(f"a run already exists at {args.run_dir}; pass --resume to continue it "
-                     "or choose another --run-name")
+    try:
+        check_writable(args.checkpoint_dir, "--checkpoint-dir", folder=True)
+        check_writable(args.log_dir, "--log-dir", folder=True)
+        if args.resume and args.overwrite:
+            parser.error("--resume continues a run and --overwrite replaces it; pass only one of them")
+        present = [name for name in (STATE_FILE, *RUN_FILES) if (args.run_dir / name).is_file()]
+        if args.resume:
+            take_saved_settings(parser, args, given, present)
+        elif present and not args.overwrite:
+            resume = "pass --resume to continue it, " if STATE_FILE in present else ""
+            parser.error(f"{args.run_dir} already holds a run ({', '.join(present)}); {resume}choose another "
+                         "--run-name, or pass --overwrite to replace it")
+    except UserError as error:
+        parser.error(str(error))
+    if args.arch == "conv" and args.likelihood == "gaussian":
+        parser.error("--arch conv has no pixel log-variance head; use --likelihood mse or bernoulli")
+    if args.num_train is not None and args.num_train < args.batch_size:
+        parser.error(f"--num-train ({args.num_train}) must be at least --batch-size ({args.batch_size})")
     return args
 
 
+# Flags of one session of a run: --resume never takes them from the saved run.
+SESSION_FLAGS = {"resume", "overwrite", "device", "threads", "compile", "no_progress", "checkpoint_dir",
+                 "run_name", "log_dir", "data_dir"}
+
+
+def take_saved_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str],
+                        present: list[str]) -> None:
+    """For --resume: refuse given RUN_SETTINGS that differ from the saved run's, and take every flag
+    not given (but the SESSION_FLAGS) from the saved run."""
+    state = read_run_state(args.run_dir)
+    if state is None:
+        what = ("it is a run without training state (a shipped one keeps only its weights and log); choose "
+                "another --run-name to train a new run" if present else "start the run without --resume")
+        parser.error(f"--resume: {args.run_dir} holds no {STATE_FILE} to continue from; {what}")
+    # Runs saved before a setting existed ran with its default.
+    saved = {key: state["args"].get(key, parser.get_default(key)) for key in vars(args)}
+    changed = [f"--{key.replace('_', '-')} (saved {saved[key]}, given {getattr(args, key)})"
+               for key in RUN_SETTINGS if key in given and saved[key] != getattr(args, key)]
+    if changed:
+        parser.error("--resume: the saved run used other settings: " + ", ".join(changed)
+                     + "; leave these flags out to keep the saved ones")
+    for key in vars(args).keys() - given - SESSION_FLAGS - {"run_dir"}:
+        setattr(args, key, saved[key])
+
+
 def compute_losses(encoder: Encoder, decoder: Decoder, x: torch.Tensor, groups: torch.Tensor,
-                   args: argparse.Namespace, generator: torch.Generator | None = None) -> torch.Tensor:
+                   noise: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace) -> torch.Tensor:
     """The three ML-VAE loss terms [reconstruction, style KL, class KL] of one batch, each divided by
-    batch*784 as the reference does, so that values compare with its logs."""
+    batch*784 as the reference does, so that values compare with its logs.
+
+    `groups` [B] are ids in [0, G) and `noise` = (style eps [B, S], class eps [G, C]), one class row per
+    possible group: a fixed-size group index, so that the step compiles into one graph.
+    """
     x = x.reshape(x.shape[0], PIXELS)
-    # One torch.unique per step: it syncs and, under --compile, splits the graph (its output size
-    # depends on the data).
-    index = group_index(groups)
+    index = group_index(groups, num_groups=len(noise[1]))
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         style_mu, style_logvar, class_mu, class_logvar = encoder(x)
     style_mu, style_logvar, class_mu, class_logvar = (
         t.float() for t in (style_mu, style_logvar, class_mu, class_logvar))
     style_z, class_z, style_kl, class_kl = latent_layer(
         style_mu, style_logvar, class_mu, class_logvar, groups, args.eps_std, args.class_kl_per_sample,
-        args.detach_class_posterior, generator, index)
+        args.detach_class_posterior, index=index, noise=noise)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         logits, pixel_logvar = decoder.logits(style_z, class_z)
     logits = logits.float()
@@ -168,33 +218,95 @@ def compute_losses(encoder: Encoder, decoder: Decoder, x: torch.Tensor, groups: 
     return terms / (x.shape[0] * PIXELS)
 
 
-def train_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               groups: torch.Tensor, args: argparse.Namespace, generator: torch.Generator | None = None,
-               loss_fn=compute_losses) -> torch.Tensor:
-    """One Adam step on one batch; returns the detached loss terms [3] without syncing the device."""
-    terms = loss_fn(encoder, decoder, x, groups, args, generator)
+def adam_update(optimizer: torch.optim.Adam, grads: list[torch.Tensor]) -> None:
+    """optimizer.step() with the gradients given: torch.optim's own Adam update on the optimizer's own
+    state (so checkpoints keep torch.optim's format), callable inside a compiled graph.
+
+    Adam.step() breaks a compiled graph on purpose (pytorch/pytorch#104053) and reads .grad, which a
+    traced backward cannot write without another break. Eager runs the fused CPU/CUDA kernel; under
+    torch.compile the foreach form, which Inductor fuses, with the step counts kept on the device
+    (capturable), as CUDA graphs need.
+    """
+    group, = optimizer.param_groups
+    states = [optimizer.state[p] for p in group["params"]]
+    compiling = torch.compiler.is_compiling()
+    with torch.no_grad():
+        adam(group["params"], grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+             [s["step"] for s in states], fused=not compiling, foreach=compiling, capturable=compiling,
+             amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
+             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+
+def optimization_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Adam, x: torch.Tensor,
+                      groups: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor],
+                      args: argparse.Namespace) -> torch.Tensor:
+    """Loss, gradients and Adam update of one batch, given its noise; returns the detached loss terms [3].
+
+    It draws no random numbers and syncs nothing, so that torch.compile makes it one graph (compile_step).
+    """
+    terms = compute_losses(encoder, decoder, x, groups, noise, args)
     loss = args.reconstruction_coef * terms[0] + args.kl_coef * (args.style_kl_coef * terms[1] + terms[2])
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    params = optimizer.param_groups[0]["params"]
+    # A parameter the loss does not reach (the class heads under --detach-class-posterior) gets a zero
+    # gradient, with which Adam leaves it unchanged.
+    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    adam_update(optimizer, list(grads))
     return terms.detach()
 
 
+def compile_step(optimizer: torch.optim.Adam, device: torch.device):
+    """optimization_step as one torch.compile'd graph (fullgraph: a graph break is an error): forward,
+    backward and Adam update; on CUDA replayed as a CUDA graph (mode="reduce-overhead"). Call it once
+    the optimizer holds the state it will train with (after a resume's load_state_dict)."""
+    torch._dynamo.config.trace_autograd_ops = True  # trace autograd.grad into the graph instead of breaking it
+    for state in optimizer.state.values():  # updated in place at every step: CUDA graphs keep their addresses
+        for tensor in state.values():
+            torch._dynamo.mark_static_address(tensor)
+    return torch.compile(optimization_step, fullgraph=True,
+                         mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+def train_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Adam, x: torch.Tensor,
+               groups: torch.Tensor, args: argparse.Namespace, generator: torch.Generator | None = None,
+               step_fn=optimization_step) -> torch.Tensor:
+    """One Adam step on one batch grouped by training_groups; returns the detached loss terms [3]
+    without syncing the device.
+
+    The step's noise is drawn here from `generator`, outside `step_fn` (optimization_step or
+    compile_step's graph): a compiled run and an eager run of one seed draw the same numbers.
+    """
+    num_groups = num_training_groups(NUM_CLASSES, len(x), args.group_size)
+    noise = (torch.randn(len(x), args.style_dim, generator=generator, device=x.device),
+             torch.randn(num_groups, args.class_dim, generator=generator, device=x.device))
+    if x.device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # a CUDA graph may reuse the last step's output memory
+    return step_fn(encoder, decoder, optimizer, x, groups, noise, args)
+
+
 def make_optimizer(encoder: Encoder, decoder: Decoder, args: argparse.Namespace) -> torch.optim.Adam:
+    """Adam over both networks, its state created now rather than at the first step() (adam_update
+    never calls step()), laid out as fused Adam keeps it: the step counts on the parameters' device."""
     params = list(encoder.parameters()) + list(decoder.parameters())
-    return torch.optim.Adam(params, lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
+    optimizer = torch.optim.Adam(params, lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
+    for p in params:
+        optimizer.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p),
+                              "exp_avg_sq": torch.zeros_like(p)}
+    return optimizer
+
+
+def saved_args(args: argparse.Namespace) -> dict:
+    """The flags as args.json records them."""
+    return {key: (str(value) if isinstance(value, (Path, torch.device)) else value) for key, value in vars(args).items()}
 
 
 def save_run(args: argparse.Namespace, encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Optimizer,
              generator: torch.Generator, position: dict) -> None:
-    """Save weights and the full training state; `position` says where in the schedule we stand."""
-    saved_args = {key: (str(value) if isinstance(value, (Path, torch.device)) else value)
-                  for key, value in vars(args).items()}
-    atomic_save(encoder.state_dict(), args.run_dir / "encoder.pt")
-    atomic_save(decoder.state_dict(), args.run_dir / "decoder.pt")
-    atomic_save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                 "args": saved_args, **position}, args.run_dir / "training_state.pt")
-    write_text_atomic(args.run_dir / "args.json", json.dumps(saved_args, indent=1, sort_keys=True) + "\n")
+    """Save the whole run with runs.write_run: training_state.pt first, then the files derived from it.
+    `position` says where in the schedule we stand (epoch, step, iteration, perm and the loss sums of
+    the epoch so far) and holds the log rows."""
+    write_run(args.run_dir, {"encoder": encoder.state_dict(), "decoder": decoder.state_dict(),
+                             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                             "args": saved_args(args), **position})
 
 
 class StopRequest:
@@ -215,50 +327,120 @@ class StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def train(args: argparse.Namespace) -> Path:
-    """Run (or resume) the training described by parsed `args`; returns the run folder."""
-    device = args.device
-    torch.manual_seed(args.seed)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+def tensorboard_sources(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed test images tensorboard shows: the first RECONSTRUCTED of the test split, and the swap
+    grid's sources (the first test image of each digit, as `inference.py` takes them)."""
+    images, labels = data_loader.load_split(args.data_dir, "test", args.dataset, device=device)
+    return images[:RECONSTRUCTED].clone(), images[reference_indices(labels, "fixed", None)]
+
+
+@torch.no_grad()
+def log_images(writer, encoder: Encoder, decoder: Decoder, sources: tuple[torch.Tensor, torch.Tensor],
+               step: int) -> None:
+    """Write the fixed test images above their reconstructions from the posterior means, and the swap
+    grid of `inference.py` (style rows x class columns)."""
+    from torchvision.utils import make_grid
+
+    shown, references = sources
+    style_mu, _, class_mu, _ = encode(encoder, shown)
+    pairs = torch.cat([shown, decoder(style_mu, class_mu).view_as(shown)])
+    writer.add_image("images/reconstructions", make_grid(pairs.cpu(), nrow=len(shown), pad_value=1), step)
+    style_mu, _, class_mu, _ = encode(encoder, references)
+    grid = grid_image(references, swap_cells(decoder, style_mu, class_mu))
+    writer.add_image("images/swap_grid", grid, step)
+
+
+def write_step_losses(writer, pending: list[tuple[int, torch.Tensor]]) -> None:
+    """Write the loss means of the last --log-every steps queued in `pending` (read after a device sync,
+    so reading them waits for nothing), then empty the queue."""
+    for at, means in pending:
+        for name, value in zip(LOG_FIELDS[2:5], means.tolist()):
+            writer.add_scalar(f"loss_steps/{name}", value, at)
+    pending.clear()
+
+
+def training_data(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images [N, 784] and labels [N] that --classes and --num-train select; UserError when
+    they are fewer than asked for or cannot fill one batch."""
     images, labels = data_loader.load_split(args.data_dir, "train", args.dataset, device=device)
+    selected = ""
     if args.classes is not None:
         keep = torch.isin(labels, torch.tensor(args.classes, device=device))
         images, labels = images[keep], labels[keep]
+        missing = sorted(set(args.classes) - set(labels.unique().tolist()))
+        if missing:
+            raise UserError(f"--classes: no {args.dataset} training image has the label(s) {missing}")
+        selected = f" of --classes {' '.join(map(str, args.classes))}"
     if args.num_train is not None:
+        if args.num_train > len(labels):
+            raise UserError(f"--num-train {args.num_train} exceeds the {len(labels)} {args.dataset} training images"
+                            f"{selected}; pass at most {len(labels)}, or leave it out to use them all")
         images, labels = images[: args.num_train], labels[: args.num_train]
-    images = images.reshape(len(images), PIXELS)
-    encoder = Encoder(args.style_dim, args.class_dim).to(device)
-    decoder = Decoder(args.style_dim, args.class_dim, args.likelihood).to(device)
+    if len(labels) < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(labels)} training images{selected}; "
+                        "pass a smaller one")
+    return images.reshape(len(images), PIXELS), labels
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run (or resume) the training described by parsed `args`; returns the run folder."""
+    device = args.device
+    threads, why = pick_threads(args.threads)
+    torch.set_num_threads(threads)
+    print(f"{args.run_name}: {device}, {threads} CPU thread{'s' * (threads > 1)} ({why})", flush=True)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    images, labels = training_data(args, device)
+    encoder, decoder = (net.to(device) for net in build_networks(args.arch, args.style_dim, args.class_dim,
+                                                                  args.likelihood))
     optimizer = make_optimizer(encoder, decoder, args)
-    loss_fn = torch.compile(compute_losses) if args.compile else compute_losses
     steps_per_epoch = len(images) // args.batch_size
-    epoch, step, iteration, perm = 0, 0, 0, None
+    epoch, step, iteration, perm, partial, log_rows = 0, 0, 0, None, None, []
+    for tmp in args.run_dir.glob("*.tmp"):  # left by a process killed while saving
+        tmp.unlink()
     if args.resume:
-        encoder.load_state_dict(torch.load(args.run_dir / "encoder.pt", weights_only=True, map_location=device))
-        decoder.load_state_dict(torch.load(args.run_dir / "decoder.pt", weights_only=True, map_location=device))
-        state = torch.load(args.run_dir / "training_state.pt", weights_only=True, map_location="cpu")
+        state = read_run_state(args.run_dir)
+        if "encoder" not in state:  # saved before training_state.pt held the whole run
+            state.update({name: torch.load(args.run_dir / f"{name}.pt", weights_only=True, map_location="cpu")
+                          for name in ("encoder", "decoder")}, log=read_log(args.run_dir / "log.csv", state["epoch"]))
+        encoder.load_state_dict(state["encoder"])
+        decoder.load_state_dict(state["decoder"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         epoch, step, iteration = state["epoch"], state["step"], state["iteration"]
         perm = None if state["perm"] is None else state["perm"].to(device)
-    log_path = args.run_dir / "log.csv"
-    log_rows = read_log(log_path, epoch)
-    args.run_dir.mkdir(parents=True, exist_ok=True)
+        partial, log_rows = state.get("totals"), state["log"]
+        write_run(args.run_dir, {**state, "args": saved_args(args)})  # repairs the files of a save cut short
+        if epoch >= args.epochs:
+            print(f"{args.run_dir} is already finished ({epoch} epochs, --epochs {args.epochs}); pass a larger "
+                  "--epochs to train it further")
+            return args.run_dir
+    step_fn = compile_step(optimizer, device) if args.compile else optimization_step
     from tensorboardX import SummaryWriter  # imported late: it is slow to import
-    writer = SummaryWriter(str(Path(args.log_dir) / args.run_name))
+    # On --resume, TensorBoard drops what the stopped run logged after its last save (at later steps).
+    writer = SummaryWriter(str(Path(args.log_dir) / args.run_name), flush_secs=30,
+                           purge_step=iteration + 1 if args.resume else None)
+    settings = json.dumps(saved_args(args), indent=1, sort_keys=True)  # as args.json holds them
+    writer.add_text("settings", "\n".join("    " + line for line in settings.splitlines()), iteration)
+    sources = tensorboard_sources(args, device) if args.image_every else None
+    window, window_start = torch.zeros(3, device=device), iteration  # loss sums of the --log-every window
+    pending = []  # (iteration, window means) not yet read from the device
 
-    def save(at_epoch: int, at_step: int, at_perm: torch.Tensor | None) -> None:
+    def save(at_epoch: int, at_step: int, at_perm: torch.Tensor | None, at_totals: torch.Tensor | None) -> None:
         save_run(args, encoder, decoder, optimizer, generator,
-                 {"epoch": at_epoch, "step": at_step, "iteration": iteration,
-                  "perm": None if at_perm is None else at_perm.cpu()})
+                 {"epoch": at_epoch, "step": at_step, "iteration": iteration, "log": log_rows,
+                  "perm": None if at_perm is None else at_perm.cpu(),
+                  "totals": None if at_totals is None else at_totals.cpu()})
 
     epochs_bar = tqdm(range(epoch, args.epochs), initial=epoch, total=args.epochs, desc=args.run_name,
                       unit="epoch", disable=args.no_progress, dynamic_ncols=True)
-    with StopRequest() as stop:
+    with StopRequest() as stop, writer:
         for epoch in epochs_bar:
             if perm is None:
                 perm = torch.randperm(len(images), generator=generator, device=device)
-            totals = torch.zeros(3, device=device)
+            # The epoch's loss sums, carried over from the save when the run resumes in mid-epoch.
+            totals = torch.zeros(3, device=device) if partial is None else partial.to(device)
+            partial = None
             start, start_step = time.perf_counter(), step
             steps_bar = tqdm(range(step, steps_per_epoch), initial=step, total=steps_per_epoch, leave=False,
                              unit="batch", disable=args.no_progress, dynamic_ncols=True)
@@ -267,54 +449,63 @@ def train(args: argparse.Namespace) -> Path:
                 # index_select gathers rows about twice as fast as images[index] on the CPU.
                 groups = training_groups(labels.index_select(0, index), args.group_size)
                 terms = train_step(encoder, decoder, optimizer, images.index_select(0, index), groups, args,
-                                   generator, loss_fn)
+                                   generator, step_fn)
                 totals += terms
+                window += terms
                 iteration += 1
+                if iteration % args.log_every == 0:  # queued on the device, read at the next sync
+                    pending.append((iteration, window / (iteration - window_start)))
+                    window, window_start = torch.zeros_like(window), iteration
                 if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == steps_per_epoch:
                     values = terms.tolist()
                     if not all(map(math.isfinite, values)):
-                        raise TrainingDiverged(
-                            f"loss became {values} at epoch {epoch + 1}, step {step + 1}; stopped without "
-                            f"saving, so {args.run_dir} keeps the last good checkpoint. Try a lower --lr.")
+                        raise TrainingDiverged(f"the loss became {values} at epoch {epoch + 1}, step {step + 1}")
+                    write_step_losses(writer, pending)
                     rate = (step + 1 - start_step) * args.batch_size / (time.perf_counter() - start)
                     steps_bar.set_postfix(rec=f"{values[0]:.4f}", style_kl=f"{values[1]:.4f}",
                                           class_kl=f"{values[2]:.5f}", img_s=f"{rate:.0f}")
                 if stop.requested and step + 1 < steps_per_epoch:
-                    save(epoch, step + 1, perm)
+                    write_step_losses(writer, pending)
+                    save(epoch, step + 1, perm, totals)
                     print(f"\nInterrupted: saved {args.run_dir} at epoch {epoch + 1}, step {step + 1}; "
                           "continue with the same command plus --resume", file=sys.stderr)
                     return args.run_dir
             steps_bar.close()
             rate = (steps_per_epoch - start_step) * args.batch_size / (time.perf_counter() - start)
-            means = (totals / max(steps_per_epoch - start_step, 1)).tolist()
+            means = (totals / steps_per_epoch).tolist()
+            if not all(map(math.isfinite, means)):
+                raise TrainingDiverged(f"the mean loss of epoch {epoch + 1} became {means}")
             row = dict(zip(LOG_FIELDS, [epoch + 1, iteration, *(f"{v:.6g}" for v in means), f"{rate:.0f}"]))
             log_rows.append(row)
-            write_log(log_path, log_rows)
             for name, value in zip(LOG_FIELDS[2:5], means):
                 writer.add_scalar(f"loss/{name}", value, iteration)
+            writer.add_scalar("speed/images_per_s", rate, iteration)
+            if args.image_every and (epoch + 1) % args.image_every == 0:
+                log_images(writer, encoder, decoder, sources, iteration)
             epochs_bar.set_postfix(rec=f"{means[0]:.4f}", img_s=f"{rate:.0f}")
             step, perm = 0, None
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or stop.requested:
-                save(epoch + 1, 0, None)
+                save(epoch + 1, 0, None, None)
             if stop.requested:
                 print(f"\nInterrupted: saved {args.run_dir} after epoch {epoch + 1}; "
                       "continue with the same command plus --resume", file=sys.stderr)
                 return args.run_dir
-    writer.close()
+    print(f"Saved to {args.run_dir}")
     return args.run_dir
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     torch.set_float32_matmul_precision("high")
     try:
-        run_dir = train(args)
+        return train(args)
     except TrainingDiverged as error:
-        sys.exit(f"error: {error}")
-    except data_loader.DatasetFileError as error:
-        sys.exit(f"error: {error}")
-    print(f"Saved to {run_dir}")
-    return run_dir
+        state = read_run_state(args.run_dir)
+        kept = (f"{args.run_dir} keeps its last save (epoch {state['epoch']}, step {state['step']})" if state
+                else "nothing was saved")
+        fp32 = " or --precision fp32" if args.precision == "bf16" else ""
+        fail(f"{error}; {kept}. Start a new run (another --run-name) with a lower --lr than {args.lr:g}{fp32}", 1)
 
 
 if __name__ == "__main__":

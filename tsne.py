@@ -4,15 +4,14 @@ Each point is one test image's posterior mean. In the third panel the class code
 mean of the accumulated posterior of the images of its digit within its random batch (as in the
 classifier's "with evidence" rows), so the members of a group share one point.
 
-    python tsne.py                                       # images/tsne_mlvae_eps0.1.png
-    python tsne.py --eps-std 0.1 --out images/reference_tsne_eps0.1.png \\
-        --encoder ../shared/reference/checkpoints/encoder_0.1_var_reparam \\
-        --decoder ../shared/reference/checkpoints/decoder_0.1_var_reparam
+    python tsne.py --out out/tsne.png                    # default --out: images/tsne_mlvae_eps0.1.png
+    python tsne.py --eps-std 0.1 --out out/reference_tsne_eps0.1.png \\
+        --encoder $MLVAE_REFERENCE_DIR/encoder_0.1_var_reparam \\
+        --decoder $MLVAE_REFERENCE_DIR/decoder_0.1_var_reparam
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +24,8 @@ from sklearn.manifold import TSNE
 
 import data_loader
 from evaluation import batch_groups, encode
-from runs import add_model_arguments, device_and_models, save_figure, script_parser
+from runs import (PLOT_SUFFIXES, POSITIVE, POSITIVE_INT, Bounded, UserError, add_model_arguments, check_writable,
+                  device_and_models, reports_errors, save_figure, script_parser)
 from utils import accumulate_group_evidence
 
 NUM_DIGITS = 10
@@ -35,10 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     add_model_arguments(parser)
     add = parser.add_argument
-    add("--num-samples", type=int, default=2500,
+    add("--num-samples", type=Bounded(int, 3), default=2500,
         help="random test images to map (each t-SNE takes about a minute for 2500 on a busy core)")
-    add("--evidence-batch", type=int, default=256, help="batch size within which a digit's images form a group")
-    add("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
+    add("--evidence-batch", type=POSITIVE_INT, default=256, help="batch size within which a digit's images form a group")
+    add("--perplexity", type=POSITIVE, default=30.0, help="t-SNE perplexity (below --num-samples)")
     add("--seed", type=int, default=0, help="seed of the image subset, the batches and t-SNE")
     add("--out", default=None, help="PNG path (default: images/tsne_<run>.png)")
     return parser
@@ -69,18 +69,18 @@ def plot(embeddings: dict[str, np.ndarray], labels: np.ndarray, title: str, out:
     save_figure(fig, out)
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> Path:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device, encoder, _, settings = device_and_models(parser, args)
-    try:
-        images, labels = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
-    except data_loader.DatasetFileError as error:
-        sys.exit(f"error: {error}")
-    if not 2 < args.num_samples <= len(labels):
-        parser.error(f"--num-samples must lie in [3, {len(labels)}]")
     if args.perplexity >= args.num_samples:
-        parser.error("--perplexity must be smaller than --num-samples")
+        parser.error(f"--perplexity {args.perplexity:g} must be smaller than --num-samples {args.num_samples}")
+    device, encoder, _, settings = device_and_models(parser, args)
+    out = check_writable(args.out or f"images/tsne_{settings.name}.png", "--out", PLOT_SUFFIXES)
+    images, labels = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
+    if args.num_samples > len(labels):
+        raise UserError(f"--num-samples {args.num_samples} exceeds the {len(labels)} {settings.dataset} test images; "
+                        f"pass at most {len(labels)}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     index = torch.randperm(len(labels), generator=generator, device=device)[: args.num_samples]
     panels = latent_panels(encoder, images[index], labels[index], args.evidence_batch)
@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> Path:
         tsne = TSNE(n_components=2, perplexity=args.perplexity, init="pca", random_state=args.seed)
         embeddings[name] = tsne.fit_transform(points.cpu().numpy())
         print(f"t-SNE of the {name} latents done")
-    out = Path(args.out or f"images/tsne_{settings.name}.png")
     plot(embeddings, labels[index].cpu().numpy(),
          f"{settings.name}: posterior means of {args.num_samples} {settings.dataset} test images", out)
     print(f"Saved the t-SNE maps to {out}")

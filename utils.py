@@ -13,22 +13,32 @@ import torch.nn.functional as F
 
 LOG_2PI = math.log(2.0 * math.pi)
 
-# (compact group id per sample [B], group sizes [G]), as returned by group_index.
+# (group id per sample in [0, G) [B], group sizes [G]), as returned by group_index.
 GroupIndex = tuple[torch.Tensor, torch.Tensor]
 
 
-def group_index(groups: torch.Tensor) -> GroupIndex:
-    """Map arbitrary integer group ids [B] to (compact ids in [0, G) [B], group sizes [G]).
+def group_index(groups: torch.Tensor, num_groups: int | None = None) -> GroupIndex:
+    """Map integer group ids [B] to (ids in [0, G) [B], group sizes [G]).
 
-    The grouped functions below take its result as `index=`, so a training step groups its batch once.
+    Arbitrary ids are made compact by torch.unique, whose output size depends on the data. With
+    `num_groups`, the ids must already lie in [0, num_groups): the index then has a fixed size G =
+    num_groups, an empty group has size 0 and is never read, and no device sync is needed, so that a
+    compiled training step is one graph. The grouped functions below take the result as `index=`, so
+    a training step groups its batch once.
     """
-    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
-    return inverse, counts
+    if num_groups is None:
+        _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+        return inverse, counts
+    counts = torch.zeros(num_groups, dtype=groups.dtype, device=groups.device)
+    return groups, counts.index_add(0, groups, torch.ones_like(groups))
 
 
 def training_groups(labels: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
     """Group ids [B] of a training batch: one group per label (the paper), or with `group_size`, each
-    label's images split in batch order into groups of at most `group_size`."""
+    label's images split in batch order into groups of at most `group_size`.
+
+    The ids lie in [0, num_training_groups(num_classes, B, group_size)) for labels in [0, num_classes).
+    """
     if group_size is None:
         return labels
     order = torch.argsort(labels, stable=True)
@@ -36,7 +46,12 @@ def training_groups(labels: torch.Tensor, group_size: int | None = None) -> torc
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(labels)
     rank[order] = torch.arange(len(labels), device=labels.device) - starts[labels[order]]
-    return labels * len(labels) + rank // group_size
+    return labels * math.ceil(len(labels) / group_size) + rank // group_size
+
+
+def num_training_groups(num_classes: int, batch_size: int, group_size: int | None = None) -> int:
+    """How many group ids training_groups can give a batch: the size of its fixed group index."""
+    return num_classes if group_size is None else num_classes * math.ceil(batch_size / group_size)
 
 
 def accumulate_group_evidence(class_mu: torch.Tensor, class_logvar: torch.Tensor, groups: torch.Tensor,
@@ -45,7 +60,7 @@ def accumulate_group_evidence(class_mu: torch.Tensor, class_logvar: torch.Tensor
 
     For a group g with members i: precision_g = sum_i exp(-logvar_i) and
     mu_g = sum_i mu_i exp(-logvar_i) / precision_g. Returns per-sample rows [B, D] holding the posterior
-    (mean, log-variance) of each sample's group.
+    (mean, log-variance) of each sample's group (an empty group's own row, 0/0, is never read).
     """
     inverse, counts = group_index(groups) if index is None else index
     num_groups, dim = counts.numel(), class_mu.shape[1]
@@ -62,27 +77,33 @@ def accumulate_group_evidence(class_mu: torch.Tensor, class_logvar: torch.Tensor
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, training: bool = True,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """z = mu + std * eps with one eps ~ N(0, I) per sample (Kingma & Welling 2014); `mu` in eval."""
+                   generator: torch.Generator | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """z = mu + std * eps with one eps ~ N(0, I) per sample (Kingma & Welling 2014); `mu` in eval.
+
+    `eps` [B, D] is drawn from `generator` unless given.
+    """
     if not training:
         return mu
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    if eps is None:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + eps * torch.exp(0.5 * logvar)
 
 
 def group_wise_reparameterize(mu: torch.Tensor, logvar: torch.Tensor, groups: torch.Tensor,
                               eps_std: float, training: bool = True,
                               generator: torch.Generator | None = None,
-                              index: GroupIndex | None = None) -> torch.Tensor:
-    """z_i = mu_i + std_i * eps_g(i) with one eps_g ~ N(0, eps_std^2 I) per group, shared by its members.
+                              index: GroupIndex | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """z_i = mu_i + std_i * eps_std * eps_g(i) with one eps_g ~ N(0, I) per group, shared by its members.
 
     eps_std = 1 is the textbook sample; the reference found the decoder ignores the class code unless
-    eps_std is small (0.1). Returns `mu` when not training.
+    eps_std is small (0.1). `eps` [G, D] is drawn from `generator` unless given. Returns `mu` when not
+    training.
     """
     if not training:
         return mu
     inverse, counts = group_index(groups) if index is None else index
-    eps = torch.randn((counts.numel(), mu.shape[1]), generator=generator, device=mu.device, dtype=mu.dtype)
+    if eps is None:
+        eps = torch.randn((counts.numel(), mu.shape[1]), generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + eps_std * eps.index_select(0, inverse) * torch.exp(0.5 * logvar)
 
 
@@ -109,20 +130,24 @@ def class_kl_divergence(group_mu: torch.Tensor, group_logvar: torch.Tensor, grou
 def latent_layer(style_mu: torch.Tensor, style_logvar: torch.Tensor, class_mu: torch.Tensor,
                  class_logvar: torch.Tensor, groups: torch.Tensor, eps_std: float,
                  class_kl_per_sample: bool = False, detach_class_posterior: bool = False,
-                 generator: torch.Generator | None = None, index: GroupIndex | None = None
+                 generator: torch.Generator | None = None, index: GroupIndex | None = None,
+                 noise: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The latent layer of one training batch, from the encoder's posteriors to the decoder's codes:
     (style sample [B, S], its group's class sample [B, C], summed style KL, summed class KL).
 
     `detach_class_posterior` is the reference's departure from the paper: no gradient reaches the
-    class heads.
+    class heads. `noise` = (style eps [B, S], class eps [G, C]), standard normal, is drawn from
+    `generator` (style first) unless given.
     """
+    style_eps, class_eps = (None, None) if noise is None else noise
     index = group_index(groups) if index is None else index
     if detach_class_posterior:
         class_mu, class_logvar = class_mu.detach(), class_logvar.detach()
     group_mu, group_logvar = accumulate_group_evidence(class_mu, class_logvar, groups, index)
-    style_z = reparameterize(style_mu, style_logvar, generator=generator)
-    class_z = group_wise_reparameterize(group_mu, group_logvar, groups, eps_std, generator=generator, index=index)
+    style_z = reparameterize(style_mu, style_logvar, generator=generator, eps=style_eps)
+    class_z = group_wise_reparameterize(group_mu, group_logvar, groups, eps_std, generator=generator, index=index,
+                                        eps=class_eps)
     style_kl = kl_divergence(style_mu, style_logvar).sum()
     class_kl = class_kl_divergence(group_mu, group_logvar, groups, per_sample=class_kl_per_sample, index=index)
     return style_z, class_z, style_kl, class_kl

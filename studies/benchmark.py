@@ -1,16 +1,20 @@
-"""Time the ML-VAE training step against this machine's FLOP bound and against a per-sample-loop baseline.
+"""Time training.py's step, eager and compiled, in fp32 and bf16, against this machine's FLOP bound.
 
 The step timed is `training.train_step` itself, on MNIST batches indexed from a permutation as
-`training.py` does. In the same run the script measures the machine's matmul throughput at the
-network's own GEMM shapes and layouts (fp32 and bf16): the step's matmuls run in the step's order
-give the fastest a step could be (the FLOP bound, with its FLOPs counted explicitly), and each matmul
-run alone gives a stricter sum. It also times a baseline that accumulates group evidence and draws
-the grouped noise the way the reference does: Python loops over the samples with per-group dicts.
-The bounds and the steps are timed in short interleaved rounds and each keeps its fastest round, so
+`training.py` does; `--compile` configurations go through `training.compile_step`, as
+`training.py --compile` does. In the same run the script measures:
+- the FLOP bound: the step's matmuls alone, one after another in the step's order, at the network's
+  shapes and memory layouts, in fp32 and bf16 (the fastest a step could be, its FLOPs counted);
+- each compiled step's compile time (its first call, with Inductor's caches off) and its graphs and
+  graph breaks (`torch._dynamo.explain`);
+- where a step's time goes: a profile split into matmuls, other kernels, Adam and the rest;
+- the busy-neighbour ratio: the eager step beside a busy process (`python -c "while True: pass"`),
+  with the threads `training.py` picks and with torch's default, each against one thread.
+The bound and the steps are timed in short interleaved rounds and each keeps its fastest round, so
 that on a shared machine they are compared under the same conditions.
 
-    python benchmark.py --json benchmark.json               # the full table, CPU (and CUDA when present)
-    python benchmark.py --precision bf16 --compile          # also time torch.compile'd steps
+    python -m studies.benchmark --json out/benchmark.json        # the full table, CPU (and CUDA when present)
+    python -m studies.benchmark --no-compile --precision fp32    # the eager fp32 step only, in a minute
 """
 from __future__ import annotations
 
@@ -20,20 +24,23 @@ import json
 import os
 import platform
 import statistics
-import tempfile
+import subprocess
+import sys
 import time
-from contextlib import contextmanager
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable
-from unittest import mock
 
 import torch
+import torch._inductor.config
+from torch.profiler import ProfilerActivity, profile
 
 import data_loader
 import training
-import utils
-from networks import HIDDEN, PIXELS, Decoder, Encoder
-from runs import script_parser
+from networks import HIDDEN, PIXELS, build_networks
+from runs import (POSITIVE_INT, check_writable, idle_threads, pick_device, pick_threads, reports_errors,
+                  script_parser, write_text_atomic)
+from utils import training_groups
 
 MNIST_TRAIN = 60000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -42,25 +49,30 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     add = parser.add_argument
-    add("--batch-size", type=int, default=256, help="images per training step")
-    add("--steps", type=int, default=200, help="timed training steps per configuration, spread over the rounds")
-    add("--warmup", type=int, default=20, help="untimed steps first (allocator, oneDNN and autotuning caches)")
-    add("--rounds", type=int, default=40,
+    add("--batch-size", type=POSITIVE_INT, default=256, help="images per training step")
+    add("--steps", type=POSITIVE_INT, default=200,
+        help="timed training steps per configuration, spread over the rounds")
+    add("--warmup", type=POSITIVE_INT, default=20,
+        help="untimed steps first (compilation, allocator, oneDNN caches); the first one is the compile time")
+    add("--rounds", type=POSITIVE_INT, default=40,
         help="rounds of measurement; each round times the bound and every configuration once, and each "
              "one's fastest round is kept, as timeit does")
-    add("--bound-calls", type=int, default=2, help="repeats of the step's matmuls per round, for the FLOP bound")
-    add("--baseline-steps", type=int, default=20, help="timed steps of the slow loop baseline")
-    add("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
-        help="precisions of our step to time (bf16 = autocast, as training.py --precision bf16)")
-    add("--compile", action="store_true", help="also time each precision with training.py --compile")
+    add("--bound-calls", type=POSITIVE_INT, default=2, help="repeats of the step's matmuls per round, for the bound")
+    add("--precision", nargs="+", choices=tuple(DTYPES), default=list(DTYPES),
+        help="precisions of the step to time (bf16 = autocast, as training.py --precision bf16)")
+    add("--no-compile", action="store_true", help="time the eager steps only (compiling takes a minute or two)")
+    add("--profile-steps", type=int, default=20, help="steps profiled for the time split (0: no split)")
+    add("--busy-rounds", type=int, default=10,
+        help="rounds of the busy-neighbour measurement (0: none); it runs on the CPU only")
     add("--device", default="all", help="all (the CPU, plus CUDA when present), cpu, cuda or cuda:N")
-    add("--threads", type=int, default=None, help="CPU threads (default: torch's choice, one per core)")
+    add("--threads", type=POSITIVE_INT, default=None,
+        help="CPU threads (default: as training.py picks them, one per CPU idle at the start)")
     add("--data-dir", default="data", help="folder holding MNIST/raw/ IDX files")
     add("--json", type=Path, default=None, help="also write the results here")
     return parser
 
 
-# ---- the network's FLOPs -------------------------------------------------------------------------
+# ---- the network's FLOPs and the FLOP bound ------------------------------------------------------
 
 def linear_layers(style_dim: int, class_dim: int) -> list[tuple[str, int, int, bool]]:
     """(name, in, out, needs its input's gradient) for every Linear of one training step, in order.
@@ -126,15 +138,11 @@ def fastest_in_rounds(timers: dict[str, Callable[[], float]], rounds: int) -> di
     return measured
 
 
-def gemm_bound_timers(batch: int, style_dim: int, class_dim: int, dtype: torch.dtype, device: torch.device,
-                      calls: int) -> dict[str, Callable[[], float]]:
-    """Two timers of the step's FLOP bound, at the matmuls' own shapes, memory layouts and dtype.
-
-    "sequence": the step's matmuls one after another in the step's order, and nothing else: the
-    fastest a step could run. "alone": each matmul repeated back to back on its own, the times summed.
-    A matmul measures faster repeated than between other matmuls, so this sum is lower than what a
-    step, which runs each once, can reach. Each timer call returns seconds per step from `calls` repeats.
-    """
+def gemm_bound_timer(batch: int, style_dim: int, class_dim: int, dtype: torch.dtype, device: torch.device,
+                     calls: int) -> Callable[[], float]:
+    """A timer of the step's FLOP bound: the step's matmuls one after another in the step's order, at
+    their own shapes, memory layouts and dtype, and nothing else. Each call returns seconds per step
+    from `calls` repeats."""
     generator = torch.Generator(device=device).manual_seed(0)
 
     def operand(rows: int, cols: int, transposed: bool) -> torch.Tensor:
@@ -153,108 +161,94 @@ def gemm_bound_timers(batch: int, style_dim: int, class_dim: int, dtype: torch.d
         for product in products:
             product()
 
-    return {"sequence": lambda: seconds_per_call(sequence, device, calls),
-            "alone": lambda: sum(seconds_per_call(product, device, calls) for product in products)}
+    return lambda: seconds_per_call(sequence, device, calls)
 
 
-# ---- the reference-style loop baseline -----------------------------------------------------------
-
-def loop_accumulate_group_evidence(class_mu: torch.Tensor, class_logvar: torch.Tensor, groups: torch.Tensor,
-                                   index: object = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group evidence accumulation as the reference does it: one Python iteration per sample.
-
-    precision_g = sum_i 1 / exp(logvar_i) and mu_g = sum_i mu_i / exp(logvar_i) / precision_g, kept in
-    dicts keyed by label; a second loop gives each sample its group's posterior. `index` is taken
-    only to match utils.accumulate_group_evidence's signature: the dicts replace it.
-    """
-    labels = groups.tolist()
-    precision, weighted_mu = {}, {}
-    for i, label in enumerate(labels):
-        sample_precision = 1.0 / torch.exp(class_logvar[i])
-        if label in precision:
-            precision[label] = precision[label] + sample_precision
-            weighted_mu[label] = weighted_mu[label] + class_mu[i] * sample_precision
-        else:
-            precision[label] = sample_precision
-            weighted_mu[label] = class_mu[i] * sample_precision
-    group_mu, group_logvar = [], []
-    for label in labels:
-        group_mu.append(weighted_mu[label] / precision[label])
-        group_logvar.append(torch.log(1.0 / precision[label]))
-    return torch.stack(group_mu), torch.stack(group_logvar)
-
-
-def loop_group_noise(groups: torch.Tensor, dim: int, generator: torch.Generator | None = None,
-                     device: torch.device | None = None) -> dict[int, torch.Tensor]:
-    """One eps ~ N(0, I) per label, drawn one label at a time."""
-    return {label: torch.randn(dim, generator=generator, device=device) for label in sorted(set(groups.tolist()))}
-
-
-def loop_assign_group_noise(mu: torch.Tensor, logvar: torch.Tensor, groups: torch.Tensor, eps_std: float,
-                            noise: dict[int, torch.Tensor]) -> torch.Tensor:
-    """z_i = mu_i + eps_std * noise[label_i] * std_i, one Python iteration per sample."""
-    rows = [mu[i] + eps_std * noise[label] * torch.exp(0.5 * logvar[i]) for i, label in enumerate(groups.tolist())]
-    return torch.stack(rows)
-
-
-def loop_group_wise_reparameterize(mu: torch.Tensor, logvar: torch.Tensor, groups: torch.Tensor,
-                                   eps_std: float, generator: torch.Generator | None = None,
-                                   index: object = None) -> torch.Tensor:
-    """The grouped reparameterization with the reference's loops: noise per label, then per sample.
-
-    `index` is taken only to match utils.group_wise_reparameterize's signature.
-    """
-    noise = loop_group_noise(groups, mu.shape[1], generator, mu.device)
-    return loop_assign_group_noise(mu, logvar, groups, eps_std, noise)
-
-
-@contextmanager
-def loop_baseline():
-    """Run training.compute_losses with its
-    two grouped operations replaced by their loop versions.
-
-    Everything else (networks, reconstruction loss, Adam) stays the real training step.
-    """
-    with mock.patch.multiple(utils, accumulate_group_evidence=loop_accumulate_group_evidence,
-                                group_wise_reparameterize=loop_group_wise_reparameterize):
-        yield
-
-
-# ---- timing the training step --------------------------------------------------------------------
+# ---- the training step ---------------------------------------------------------------------------
 
 def step_args(batch: int, precision: str, device: torch.device, compile_: bool) -> argparse.Namespace:
     """training.py's own defaults for everything but batch, precision, device and compile."""
-    with tempfile.TemporaryDirectory() as scratch:
-        # parse_args refuses an existing run folder; nothing is ever saved into this empty one.
-        flags = ["--batch-size", str(batch), "--precision", precision, "--device", str(device),
-                 "--checkpoint-dir", scratch, "--run-name", "benchmark"]
-        return training.parse_args(flags + ["--compile"] * compile_)
+    args = training.build_parser().parse_args(["--batch-size", str(batch), "--precision", precision]
+                                              + ["--compile"] * compile_)
+    args.device = device
+    return args
 
 
-def training_step_timer(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, warmup: int,
-                        calls: int) -> tuple[Callable[[], float], float]:
-    """A timer of `calls` training.train_step calls, on batches indexed from a permutation as
-    training.train does, and the seconds its `warmup` untimed steps took (compilation included)."""
-    device = args.device
-    torch.manual_seed(args.seed)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    encoder = Encoder(args.style_dim, args.class_dim).to(device)
-    decoder = Decoder(args.style_dim, args.class_dim, args.likelihood).to(device)
-    optimizer = training.make_optimizer(encoder, decoder, args)
-    loss_fn = torch.compile(training.compute_losses) if args.compile else training.compute_losses
-    perm = torch.randperm(len(images), generator=generator, device=device)
-    batches = len(images) // args.batch_size
-    position = 0
+class StepRunner:
+    """training.py's model, optimizer and batches for `args`; `step()` runs one training.train_step."""
 
-    def one_step() -> None:
-        nonlocal position
-        index = perm[position * args.batch_size:(position + 1) * args.batch_size]
-        position = (position + 1) % batches
-        training.train_step(encoder, decoder, optimizer, images.index_select(0, index),
-                            labels.index_select(0, index), args, generator, loss_fn)
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> None:
+        self.images, self.labels, self.args = images, labels, args
+        torch.manual_seed(args.seed)
+        self.generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        self.encoder, self.decoder = (net.to(args.device) for net in build_networks(
+            args.arch, args.style_dim, args.class_dim, args.likelihood))
+        self.optimizer = training.make_optimizer(self.encoder, self.decoder, args)
+        self.step_fn = (training.compile_step(self.optimizer, args.device) if args.compile
+                        else training.optimization_step)
+        self.perm = torch.randperm(len(images), generator=self.generator, device=args.device)
+        self.position = 0
 
-    warmup_s = seconds_per_call(one_step, device, warmup) * warmup if warmup > 0 else 0.0
-    return lambda: seconds_per_call(one_step, device, calls), warmup_s
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.args.batch_size
+        index = self.perm[self.position * size:(self.position + 1) * size]
+        self.position = (self.position + 1) % (len(self.images) // size)
+        return self.images.index_select(0, index), training_groups(self.labels.index_select(0, index))
+
+    def step(self) -> torch.Tensor:
+        x, groups = self.batch()
+        return training.train_step(self.encoder, self.decoder, self.optimizer, x, groups, self.args,
+                                   self.generator, self.step_fn)
+
+    def explain(self) -> dict:
+        """Graphs and graph breaks of the step (torch._dynamo.explain, which resets Dynamo's caches)."""
+        x, groups = self.batch()
+        noise = (torch.randn(len(x), self.args.style_dim, device=x.device),
+                 torch.randn(training.NUM_CLASSES, self.args.class_dim, device=x.device))
+        explained = torch._dynamo.explain(training.optimization_step)(
+            self.encoder, self.decoder, self.optimizer, x, groups, noise, self.args)
+        return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
+                "ops": explained.op_count}
+
+
+def step_timer(runner: StepRunner, warmup: int, calls: int) -> tuple[Callable[[], float], float, float]:
+    """A timer of `calls` steps of `runner`, the seconds of its first step (compilation included) and
+    of its `warmup` untimed steps."""
+    first_s = seconds_per_call(runner.step, runner.args.device, 1)
+    warmup_s = first_s + seconds_per_call(runner.step, runner.args.device, warmup - 1) * (warmup - 1)
+    return lambda: seconds_per_call(runner.step, runner.args.device, calls), first_s, warmup_s
+
+
+def kernel_kind(name: str) -> str:
+    """The part of a step a profiled op belongs to."""
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+        return "matmuls"
+    if "adam" in name:
+        return "Adam"
+    if name.startswith("aten::"):
+        return "other kernels"
+    if "CompiledFxGraph" in name or "Torch-Compiled Region" in name:
+        return "compiled kernels"  # Inductor's generated kernels: element-wise, reductions and Adam fused
+    return "other"
+
+
+def step_split(runner: StepRunner, steps: int) -> dict:
+    """Milliseconds per step of its matmuls, Adam, its other kernels (or Inductor's fused kernels) and the
+    rest (Python, dispatch and launch overhead: the wall time no kernel accounts for), from the
+    profiler's self time per op; the profiler's own cost lands in the rest."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        start = time.perf_counter()
+        for _ in range(steps):
+            runner.step()
+        synchronize(runner.args.device)
+        wall = time.perf_counter() - start
+    split = defaultdict(float)
+    for event in profiled.key_averages():
+        kind = kernel_kind(event.key)
+        if kind != "other":
+            split[kind] += event.self_cpu_time_total / 1e6  # microseconds to seconds
+    split["overhead and the rest"] = wall - sum(split.values())
+    return {kind: 1e3 * seconds / steps for kind, seconds in split.items()}
 
 
 def step_row(name: str, seconds: list[float], batch: int, **fields) -> dict:
@@ -264,51 +258,85 @@ def step_row(name: str, seconds: list[float], batch: int, **fields) -> dict:
             "images_per_s": batch / best, "s_per_epoch": (MNIST_TRAIN // batch) * best, **fields}
 
 
-def benchmark_device(device: torch.device, options: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+def benchmark_device(device: torch.device, options: argparse.Namespace) -> tuple[list[dict], list[dict], dict]:
+    """(rows of the step configurations, the FLOP bounds, the time split) on `device`."""
     images, labels = data_loader.load_split(options.data_dir, "train", device=device)
     images = images.reshape(len(images), PIXELS)
     defaults = step_args(options.batch_size, "fp32", device, False)
     flops = step_flops(options.batch_size, defaults.style_dim, defaults.class_dim)
-    # The fp32 bound is always measured: the loop baseline runs in fp32.
-    dtypes = {precision: DTYPES[precision] for precision in ("fp32", *options.precision)}
-    timers = {}
-    for precision, dtype in dtypes.items():
-        bound_timers = gemm_bound_timers(options.batch_size, defaults.style_dim, defaults.class_dim, dtype, device,
-                                         options.bound_calls)
-        timers.update({f"bound {precision} {kind}": timer for kind, timer in bound_timers.items()})
-    configurations, warmups = {}, {}
     calls = max(options.steps // options.rounds, 1)
+    runners, fields = {}, {}
     for precision in options.precision:
-        for compile_ in (False, True) if options.compile else (False,):
-            name = f"ML-VAE step, {precision}" + " + compile" * compile_
-            args = step_args(options.batch_size, precision, device, compile_)
-            timers[name], warmups[name] = training_step_timer(images, labels, args, options.warmup, calls)
-            configurations[name] = {"precision": precision, "compile": compile_}
+        for compile_ in (False,) if options.no_compile else (False, True):
+            name = ("compiled" if compile_ else "eager") + f" {precision}"
+            runners[name] = StepRunner(images, labels, step_args(options.batch_size, precision, device, compile_))
+            fields[name] = {"precision": precision, "compile": compile_}
+    for name, runner in runners.items():  # explain() resets Dynamo: before any compiled step runs
+        if runner.args.compile:
+            fields[name].update(runner.explain())
+    timers = {f"bound {precision}": gemm_bound_timer(options.batch_size, defaults.style_dim, defaults.class_dim,
+                                                     DTYPES[precision], device, options.bound_calls)
+              for precision in options.precision}
+    for name, runner in runners.items():
+        timers[name], first_s, warmup_s = step_timer(runner, options.warmup, calls)
+        fields[name].update(first_step_s=first_s, warmup_s=warmup_s)
     measured = fastest_in_rounds(timers, options.rounds)
-    bounds = {}
-    for precision, dtype in dtypes.items():
-        sequence, alone = (measured[f"bound {precision} {kind}"] for kind in ("sequence", "alone"))
-        bounds[precision] = {"dtype": str(dtype).removeprefix("torch."), "device": str(device), "step_flops": flops,
-                             "bound_ms": 1e3 * min(sequence), "bound_ms_median": 1e3 * statistics.median(sequence),
-                             "gflops": flops / min(sequence) / 1e9,
-                             "alone_ms": 1e3 * min(alone), "alone_ms_median": 1e3 * statistics.median(alone),
-                             "alone_gflops": flops / min(alone) / 1e9}
-    rows = [step_row(name, measured[name], options.batch_size, warmup_s=warmups[name], **fields)
-            for name, fields in configurations.items()]
-    with loop_baseline():
-        args = step_args(options.batch_size, "fp32", device, False)
-        # One round of a few steps suffices: its time is Python, and each of its steps costs ~0.1 s.
-        timer, warmup_s = training_step_timer(images, labels, args, min(options.warmup, 3), options.baseline_steps)
-        rows.append(step_row("loop baseline, fp32", [timer()], options.batch_size, warmup_s=warmup_s,
-                             precision="fp32", compile=False))
-    baseline_ms = rows[-1]["ms_per_step"]
-    for row in rows:
-        row.update(device=str(device), gflops=flops / (row["ms_per_step"] / 1e3) / 1e9,
-                   share_of_bound=bounds[row["precision"]]["bound_ms"] / row["ms_per_step"],
-                   share_of_alone=bounds[row["precision"]]["alone_ms"] / row["ms_per_step"],
-                   speedup_over_loops=baseline_ms / row["ms_per_step"])
-    return rows, list(bounds.values())
+    bounds = {precision: {"dtype": precision, "device": str(device), "step_flops": flops,
+                          "bound_ms": 1e3 * min(measured[f"bound {precision}"]),
+                          "bound_ms_median": 1e3 * statistics.median(measured[f"bound {precision}"]),
+                          "gflops": flops / min(measured[f"bound {precision}"]) / 1e9}
+              for precision in options.precision}
+    rows = []
+    for name, extra in fields.items():
+        row = step_row(name, measured[name], options.batch_size, device=str(device), **extra)
+        steady_s = row["ms_per_step"] / 1e3
+        row.update(gflops=flops / steady_s / 1e9,
+                   share_of_bound=bounds[row["precision"]]["bound_ms"] / row["ms_per_step"])
+        if row["compile"]:
+            row["compile_s"] = row["first_step_s"] - steady_s
+        rows.append(row)
+    split = {name: step_split(runner, options.profile_steps) for name, runner in runners.items()
+             if options.profile_steps > 0}
+    return rows, list(bounds.values()), split
 
+
+def busy_neighbour(options: argparse.Namespace) -> dict:
+    """The eager fp32 CPU step beside one busy process, with the threads training.py picks by default
+    (asked while the neighbour runs), with one per CPU (torch's default on a machine without
+    hyper-threads) and with one; speeds relative to one thread."""
+    images, labels = data_loader.load_split(options.data_dir, "train")
+    runner = StepRunner(images.reshape(len(images), PIXELS), labels,
+                        step_args(options.batch_size, "fp32", torch.device("cpu"), False))
+    for _ in range(options.warmup):
+        runner.step()
+    previous = torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0))
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)  # let it settle on a core
+        picked, why = idle_threads()
+        calls = max(options.steps // options.rounds, 1)
+
+        def timer(threads: int) -> Callable[[], float]:
+            def timed() -> float:
+                torch.set_num_threads(threads)
+                runner.step()  # the first step after a change of threads wakes OpenMP's pool
+                return seconds_per_call(runner.step, runner.args.device, calls)
+            return timed
+
+        counts = sorted({1, picked, cpus})
+        measured = fastest_in_rounds({threads: timer(threads) for threads in counts}, options.busy_rounds)
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+        torch.set_num_threads(previous)
+    ms = {threads: 1e3 * min(seconds) for threads, seconds in measured.items()}
+    return {"picked_threads": picked, "picked_because": why, "cpus": cpus,
+            "ms_per_step": {str(threads): value for threads, value in ms.items()},
+            "picked_vs_one_thread": ms[1] / ms[picked], "all_cpus_vs_one_thread": ms[1] / ms[cpus]}
+
+
+# ---- the machine and the report ------------------------------------------------------------------
 
 def cpuinfo_field(name: str) -> str | None:
     """The first value of a /proc/cpuinfo field, or None off Linux."""
@@ -332,60 +360,80 @@ def cpu_bf16_units() -> list[str]:
 def devices(name: str) -> list[torch.device]:
     if name == "all":
         return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    return [torch.device(name)]
+    return [pick_device(name)]
 
 
-def format_table(rows: list[dict], bounds: list[dict]) -> str:
-    lines = [f"{'device':7} {'configuration':30} {'ms/step':>8} {'images/s':>9} {'s/epoch':>8} "
-             f"{'GFLOP/s':>8} {'of bound':>8} {'of alone':>8} {'vs loops':>8} {'warm-up s':>9}"]
-    for row in rows:
-        lines.append(f"{row['device']:7} {row['name']:30} {row['ms_per_step']:8.2f} {row['images_per_s']:9.0f} "
-                     f"{row['s_per_epoch']:8.2f} {row['gflops']:8.1f} {row['share_of_bound']:8.0%} "
-                     f"{row['share_of_alone']:8.0%} {row['speedup_over_loops']:7.1f}x {row['warmup_s']:9.1f}")
-    for bound in bounds:
-        for kind, ms, gflops in (("in sequence", "bound_ms", "gflops"), ("alone", "alone_ms", "alone_gflops")):
-            name = f"{bound['dtype']} matmuls {kind}"
-            lines.append(f"{bound['device']:7} {name:30} {bound[ms]:8.2f} {'':9} {'':8} {bound[gflops]:8.1f}")
+def format_report(results: dict) -> str:
+    """The results as Markdown tables."""
+    machine = results["machine"]
+    lines = [f"{machine['cpu']} (bf16 units: {', '.join(machine['cpu_bf16_units']) or 'none'}), "
+             f"{machine['torch_threads']} CPU threads ({machine['threads_because']}), torch {machine['torch']}, "
+             f"load average {machine['load_average_at_start'][0]:.2f} at start; "
+             f"batch {results['batch_size']}, {results['step_flops'] / 1e9:.3f} GFLOP per step", "",
+             "| device | step | ms/step | s/epoch | GFLOP/s | of the bound | compile s | graphs | breaks |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in results["rows"]:
+        compiled = (f"{row['compile_s']:.0f} | {row['graphs']} | {row['graph_breaks']}" if row["compile"]
+                    else "- | - | -")
+        lines.append(f"| {row['device']} | {row['name']} | {row['ms_per_step']:.2f} | {row['s_per_epoch']:.2f} | "
+                     f"{row['gflops']:.1f} | {row['share_of_bound']:.0%} | {compiled} |")
+    for bound in results["bounds"]:
+        epoch_s = bound["bound_ms"] * (MNIST_TRAIN // results["batch_size"]) / 1e3
+        lines.append(f"| {bound['device']} | FLOP bound {bound['dtype']} (matmuls in sequence) | "
+                     f"{bound['bound_ms']:.2f} | {epoch_s:.2f} | {bound['gflops']:.1f} | 100% | | | |")
+    for device, split in results["split"].items():
+        kinds = sorted({kind for parts in split.values() for kind in parts})
+        lines += ["", f"Where a step's time goes on {device} (ms per step, profiled):", "",
+                  "| step | " + " | ".join(kinds) + " |", "| --- |" + " --- |" * len(kinds)]
+        for name, parts in split.items():
+            lines.append(f"| {name} | " + " | ".join(f"{parts.get(kind, 0.0):.2f}" for kind in kinds) + " |")
+    busy = results.get("busy_neighbour")
+    if busy:
+        lines += ["", f"Beside one busy process: training.py picks {busy['picked_threads']} thread(s) "
+                      f"({busy['picked_because']}).", "",
+                  "| threads | ms/step | speed vs 1 thread |", "| --- | --- | --- |"]
+        for threads, ms in busy["ms_per_step"].items():
+            lines.append(f"| {threads} | {ms:.2f} | {busy['ms_per_step']['1'] / ms:.2f}x |")
     return "\n".join(lines)
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     options = parser.parse_args(argv)
-    for flag in ("batch_size", "steps", "rounds", "bound_calls", "baseline_steps"):
-        if getattr(options, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
+    if options.device != "all":
+        try:
+            pick_device(options.device)
+        except ValueError as error:
+            parser.error(f"--device: {error}")
+    if options.json is not None:
+        check_writable(options.json, "--json")
+    threads, why = pick_threads(options.threads)
+    torch.set_num_threads(threads)
     torch.set_float32_matmul_precision("high")  # as training.main does: TF32 matmuls on GPUs that have them
     defaults = step_args(options.batch_size, "fp32", torch.device("cpu"), False)
-    flops = step_flops(options.batch_size, defaults.style_dim, defaults.class_dim)
-    results = {"rows": [], "bounds": [], "batch_size": options.batch_size, "step_flops": flops,
+    results = {"rows": [], "bounds": [], "split": {}, "batch_size": options.batch_size,
+               "step_flops": step_flops(options.batch_size, defaults.style_dim, defaults.class_dim),
                "machine": {"cpu": cpu_name(), "cpu_bf16_units": cpu_bf16_units(), "cpu_count": os.cpu_count(),
-                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "torch_threads": threads, "threads_because": why, "torch": torch.__version__,
                            "load_average_at_start": os.getloadavg(),
                            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
     for device in devices(options.device):
-        rows, bounds = benchmark_device(device, options)
+        with torch._inductor.config.patch(force_disable_caches=True):  # the compile time of a first compile
+            rows, bounds, split = benchmark_device(device, options)
         results["rows"] += rows
         results["bounds"] += bounds
+        results["split"][str(device)] = split
+    if options.busy_rounds > 0 and options.device in ("all", "cpu"):
+        results["busy_neighbour"] = busy_neighbour(options)
     results["machine"]["load_average_at_end"] = os.getloadavg()
-    print(f"{results['machine']['cpu']}, bf16 units: {', '.join(results['machine']['cpu_bf16_units']) or 'none'}")
-    print(f"batch {options.batch_size}, {flops / 1e9:.3f} GFLOP per step (forward + backward matmuls), "
-          f"{results['machine']['torch_threads']} CPU threads, load average "
-          f"{results['machine']['load_average_at_start'][0]:.1f} at start")
-    print(format_table(results["rows"], results["bounds"]))
-    load = results["machine"]["load_average_at_start"][0]  # at the end it counts this benchmark's own threads
-    if load > 0.5 * (os.cpu_count() or 1):
-        print(f"note: load average {load:.1f} on {os.cpu_count()} cores: other processes share the CPU, so the "
-              "times are slower than on a quiet machine; the ratios (of bound, vs loops) were taken under the "
-              "same load. Try --threads 1 on a busy machine.")
+    report = format_report(results)
+    print(report)
     if "bf16" in options.precision and not results["machine"]["cpu_bf16_units"] and cpuinfo_field("flags"):
         print(f"note: {results['machine']['cpu']} has no bf16 matrix units (amx_bf16, avx512_bf16): its bf16 "
               "matmuls are emulated, so --precision bf16 is slower than fp32 on this CPU.")
     if options.json is not None:
-        options.json.parent.mkdir(parents=True, exist_ok=True)
-        options.json.write_text(json.dumps(results, indent=1) + "\n")
+        write_text_atomic(options.json, json.dumps(results, indent=1) + "\n")
     return results
 
 

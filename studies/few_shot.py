@@ -17,7 +17,8 @@ import torch
 
 import data_loader
 from evaluation import encode, sample_per_label
-from runs import add_model_arguments, device_and_models, script_parser, write_text_atomic
+from runs import (POSITIVE_INT, Bounded, add_model_arguments, check_finite, check_label_counts, check_writable,
+                  device_and_models, reports_errors, script_parser, write_text_atomic)
 from utils import fused_means
 
 
@@ -25,9 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     add_model_arguments(parser)
     parser.set_defaults(checkpoint_dir="checkpoints/mlvae_eps0.1_classes01234567")
-    parser.add_argument("--held-out", type=int, nargs="+", default=[8, 9], help="labels unseen in training")
-    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="labelled images per class")
-    parser.add_argument("--trials", type=int, default=200, help="random draws of the shots per setting")
+    parser.add_argument("--held-out", type=int, nargs="+", choices=range(10), metavar="LABEL", default=[8, 9],
+                        help="labels unseen in training (at least two)")
+    parser.add_argument("--shots", type=POSITIVE_INT, nargs="+", default=[1, 5, 10], help="labelled images per class")
+    parser.add_argument("--trials", type=Bounded(int, 2), default=200,
+                        help="random draws of the shots per setting (at least 2, for a std)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shot draws")
     parser.add_argument("--json", default=None, help="write the accuracies here")
     return parser
@@ -39,12 +42,20 @@ def nearest_prototype_accuracy(prototypes: torch.Tensor, queries: torch.Tensor, 
     return (distances.argmin(dim=2) == targets).float().mean(dim=1)
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if len(set(args.held_out)) != len(args.held_out) or len(args.held_out) < 2:
+        parser.error(f"--held-out {' '.join(map(str, args.held_out))}: give at least two different labels "
+                     "(with one, every query would match the one prototype)")
+    if args.json:
+        check_writable(args.json, "--json")
     device, encoder, _, settings = device_and_models(parser, args)
     (train_x, train_y), (test_x, test_y) = data_loader.evaluation_splits(args.data_dir, settings.dataset,
                                                                          "test", device)
+    check_label_counts(test_y, args.held_out, 1, f"{settings.dataset} test", "--held-out")
+    check_label_counts(train_y, args.held_out, max(args.shots), f"{settings.dataset} train", "--shots")
     keep = torch.isin(test_y, torch.tensor(args.held_out, device=device))
     test_x, test_y = test_x[keep], test_y[keep]
     targets = torch.searchsorted(torch.tensor(sorted(args.held_out), device=device), test_y)
@@ -64,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                                           ("pixels", pixel_prototypes, test_pixels)):
             accuracy = 100.0 * nearest_prototype_accuracy(prototypes, queries, targets)
             results[name][str(shots)] = {"mean": accuracy.mean().item(), "std": accuracy.std().item()}
+            check_finite(results[name][str(shots)], f"the {shots}-shot {name} accuracy")
             row.append(f"{accuracy.mean():.2f} +- {accuracy.std():.2f}")
         print(f"| {shots} | " + " | ".join(row) + " |", flush=True)
     if args.json:

@@ -1,12 +1,14 @@
 """Train the pixel-space CNN that judges swap generations (see studies/swap_score.py), and report its test accuracy.
 
-    python -m studies.pixel_classifier                            # -> checkpoints/pixel_classifier_mnist.pt
-    python -m studies.pixel_classifier --dataset fashion-mnist    # -> checkpoints/pixel_classifier_fashion-mnist.pt
+    python -m studies.pixel_classifier --out out/pixel_classifier_mnist.pt
+    python -m studies.pixel_classifier --dataset fashion-mnist --out out/pixel_classifier_fashion-mnist.pt
+
+The default --out, checkpoints/pixel_classifier_<dataset>.pt, holds the shipped classifier that
+studies/swap_score.py reads; replacing an existing file takes --overwrite.
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,24 +17,27 @@ from tqdm import tqdm
 import data_loader
 from evaluation import predict
 from networks import PixelClassifier
-from runs import atomic_save, pick_device, script_parser
+from runs import (POSITIVE, POSITIVE_INT, UserError, atomic_save, check_finite, check_writable, pick_device,
+                  reports_errors, script_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     parser.add_argument("--dataset", choices=sorted(data_loader.DATASETS), default="mnist", help="data set")
     parser.add_argument("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
-    parser.add_argument("--epochs", type=int, default=8, help="passes over the training split")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--num-train", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--epochs", type=POSITIVE_INT, default=8, help="passes over the training split")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="images per step")
+    parser.add_argument("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--num-train", type=POSITIVE_INT, default=None, help="use only the first N training images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--out", default=None, help="default: checkpoints/pixel_classifier_<dataset>.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> float:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -40,10 +45,19 @@ def main(argv: list[str] | None = None) -> float:
         device = pick_device(args.device)
     except ValueError as error:
         parser.error(f"--device: {error}")
+    out = check_writable(args.out or f"checkpoints/pixel_classifier_{args.dataset}.pt", "--out")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out} exists; pass another --out, or --overwrite to replace it")
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     images, labels = data_loader.load_split(args.data_dir, "train", args.dataset, device)
+    if args.num_train is not None and args.num_train > len(labels):
+        raise UserError(f"--num-train {args.num_train} exceeds the {len(labels)} {args.dataset} training images; "
+                        f"pass at most {len(labels)}")
     images, labels = images[: args.num_train], labels[: args.num_train]
+    if args.batch_size > len(labels):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(labels)} training images; "
+                        "pass a smaller one")
     test_images, test_labels = data_loader.load_split(args.data_dir, "test", args.dataset, device)
     model = PixelClassifier().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -57,7 +71,7 @@ def main(argv: list[str] | None = None) -> float:
             loss.backward()
             optimizer.step()
     accuracy = 100.0 * (predict(model, test_images) == test_labels).float().mean().item()
-    out = Path(args.out or f"checkpoints/pixel_classifier_{args.dataset}.pt")
+    check_finite({"test accuracy": accuracy, "last loss": loss.item()}, "the pixel classifier")
     atomic_save(model.state_dict(), out)
     print(f"{args.dataset} test accuracy {accuracy:.2f}%; saved {out}")
     return accuracy

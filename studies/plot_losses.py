@@ -3,9 +3,9 @@
 One panel per term, one line per run, against the epoch; the values are the per-epoch means that
 training.py logs (each term divided by batch*784). No tensorboard needed.
 
-    python -m studies.plot_losses                                # checkpoints/mlvae_eps0.1/losses.png
+    python -m studies.plot_losses --out out/losses.png          # default --out: <first run folder>/losses.png
     python -m studies.plot_losses --checkpoint-dir checkpoints/mlvae_eps0.1 checkpoints/mlvae_eps1 \\
-        --out images/losses.png
+        --out out/losses_eps.png
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 
-from runs import DEFAULT_RUN, read_log, save_figure, script_parser
+from runs import DEFAULT_RUN, PLOT_SUFFIXES, check_writable, read_log, reports_errors, save_figure, script_parser
 
 TERMS = {"reconstruction": "reconstruction", "style_kl": "style KL", "class_kl": "class KL"}
 
@@ -47,9 +47,11 @@ def plot_losses(logs: dict[str, list[dict]], out: Path, log_scale: bool = False)
     save_figure(fig, out)
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> Path:
     parser = build_parser()
     args = parser.parse_args(argv)
+    out = check_writable(args.out or Path(args.checkpoint_dir[0]) / "losses.png", "--out", PLOT_SUFFIXES)
     logs = {}
     for run_dir in map(Path, args.checkpoint_dir):
         path = run_dir / "log.csv"
@@ -59,7 +61,6 @@ def main(argv: list[str] | None = None) -> Path:
         if not rows or not set(TERMS) <= set(rows[0]):
             parser.error(f"{path} holds no epochs with the columns {', '.join(TERMS)}")
         logs[run_dir.name] = rows
-    out = Path(args.out or Path(args.checkpoint_dir[0]) / "losses.png")
     plot_losses(logs, out, args.log_scale)
     print(f"Saved the loss curves of {', '.join(logs)} to {out}")
     return out

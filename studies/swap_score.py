@@ -11,7 +11,7 @@ class source's code (posterior means), and a pixel-space CNN (studies/pixel_clas
 "with evidence" replaces a class source's code by the posterior fused over it and `--evidence-size`-1
 other test images of its label.
 
-    python -m studies.swap_score --json results/swap_score_mlvae_eps0.1.json
+    python -m studies.swap_score --json out/swap_score_mlvae_eps0.1.json
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import torch
 
 import data_loader
 from evaluation import draw_evidence_sets, encode, load_pixel_classifier, predict, sample_per_label
-from runs import add_model_arguments, device_and_models, script_parser, write_text_atomic
+from runs import (POSITIVE_INT, UserError, add_model_arguments, check_finite, check_label_counts, check_writable,
+                  device_and_models, reports_errors, script_parser, write_text_atomic)
 from utils import fused_means
 
 
@@ -31,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("--pixel-classifier", default=None,
                         help="CNN weights (default: checkpoints/pixel_classifier_<dataset>.pt)")
-    parser.add_argument("--num-styles", type=int, default=1000, help="test images used as style sources")
-    parser.add_argument("--evidence-size", type=int, default=25,
+    parser.add_argument("--num-styles", type=POSITIVE_INT, default=1000, help="test images used as style sources")
+    parser.add_argument("--evidence-size", type=POSITIVE_INT, default=25,
                         help="images fused per class code with evidence (a batch of 256 holds ~25 per digit)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the source draws")
     parser.add_argument("--json", default=None, help="write the scores here")
@@ -68,18 +69,30 @@ def swap_scores(encoder: torch.nn.Module, decoder: torch.nn.Module, classifier: 
     return results
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.json:
+        check_writable(args.json, "--json")
     device, encoder, decoder, settings = device_and_models(parser, args)
+    path = args.pixel_classifier or f"checkpoints/pixel_classifier_{settings.dataset}.pt"
     try:
-        classifier = load_pixel_classifier(
-            args.pixel_classifier or f"checkpoints/pixel_classifier_{settings.dataset}.pt", device)
+        classifier = load_pixel_classifier(path, device)
     except FileNotFoundError as error:
         parser.error(str(error))
+    except Exception as error:  # pickle, zip and torch errors, or other shapes: all mean the same here
+        raise UserError(f"--pixel-classifier {path} cannot be read as the pixel classifier's weights "
+                        f"({type(error).__name__}); retrain it with `python -m studies.pixel_classifier`") from error
     images, labels = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
+    if args.num_styles > len(labels):
+        raise UserError(f"--num-styles {args.num_styles} exceeds the {len(labels)} {settings.dataset} test images; "
+                        f"pass at most {len(labels)}")
+    check_label_counts(labels, sorted(set(labels.tolist())), args.evidence_size, f"{settings.dataset} test",
+                       "--evidence-size")
     results = swap_scores(encoder, decoder, classifier, images, labels, args.num_styles, args.evidence_size,
                           torch.Generator().manual_seed(args.seed))
+    check_finite(results, "the swap scores")
     print(f"encoder {settings.encoder_path}; pixel classifier on the real style images: "
           f"{results['classifier_on_real_images']:.2f}%")
     print("| class code | content transfer | style leak | reconstruction ceiling |")

@@ -2,11 +2,11 @@
 
 Each configuration is trained on MNIST train images [0, 50000) (`training.py --num-train 50000`) and
 measured on train images [50000, 60000) with the committed evaluation scripts: `classifier.py
---split validation --both` (the reference's latent-classifier protocol) and `group_size.py --split
-validation --group-sizes 1` (single-image class posterior means under logistic, kNN and MLP probes).
+--split validation --both` (the reference's latent-classifier protocol) and `studies.group_size
+--split validation --group-sizes 1` (single-image class posterior means under logistic, kNN and MLP probes).
 Runs go to sweeps/<name>/ (not committed); a finished run or evaluation is not redone.
 
-    python -m studies.sweep --epochs 30 --jobs 2 --out results/sweep_validation.md
+    python -m studies.sweep --epochs 30 --jobs 2 --out out/sweep_validation.md
     python -m studies.sweep --configs paper stylekl4 --epochs 5 --iterations 500    # a quick look
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 
 from data_loader import VALIDATION_START
 from networks import PIXELS
-from runs import script_parser, write_text_atomic
+from runs import (POSITIVE_INT, UserError, check_writable, read_run_state, reports_errors, script_parser, stale_files,
+                  write_text_atomic)
 
 # name -> training.py flags on top of the defaults (paper-correct ML-VAE, eps std 0.1, mse).
 CONFIGS = {
@@ -35,6 +36,8 @@ CONFIGS = {
     "stylekl16": ["--style-kl-coef", "16"],
     "stylekl4_group2": ["--style-kl-coef", "4", "--group-size", "2"],
     "dims16": ["--style-dim", "16", "--class-dim", "16"],
+    "conv16": ["--arch", "conv", "--style-dim", "16", "--class-dim", "16"],
+    "conv16_stylekl4": ["--arch", "conv", "--style-dim", "16", "--class-dim", "16", "--style-kl-coef", "4"],
 }
 COLUMNS = ("config", "flags", "reconstruction", "style KL (nats/image)", "style val", "class val",
            "class val (evidence)", "K=1 logistic", "K=1 kNN", "K=1 MLP")
@@ -43,12 +46,13 @@ COLUMNS = ("config", "flags", "reconstruction", "style KL (nats/image)", "style 
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     add = parser.add_argument
-    add("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS), help="configurations to run")
-    add("--epochs", type=int, default=30, help="training epochs of each configuration")
+    add("--configs", nargs="+", choices=sorted(CONFIGS), default=[name for name in CONFIGS if not name.startswith("conv")],
+        help="configurations to run (the conv ones are slow and run only when named)")
+    add("--epochs", type=POSITIVE_INT, default=30, help="training epochs of each configuration")
     add("--num-train", type=int, default=VALIDATION_START,
         help=f"train on train images [0, N); at most {VALIDATION_START}, so the validation images stay unseen")
-    add("--iterations", type=int, default=5000, help="classifier.py steps of each latent classifier")
-    add("--jobs", type=int, default=2, help="configurations run at once, one CPU thread each")
+    add("--iterations", type=POSITIVE_INT, default=5000, help="classifier.py steps of each latent classifier")
+    add("--jobs", type=POSITIVE_INT, default=2, help="configurations run at once, one CPU thread each")
     add("--sweep-dir", type=Path, default=Path("sweeps"), help="runs are saved in <sweep-dir>/<config>/")
     add("--out", type=Path, default=None, help="also write the Markdown table here (and a .json beside it)")
     return parser
@@ -59,10 +63,12 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     run_dir = args.sweep_dir / name
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     commands = []
-    if not (run_dir / "encoder.pt").is_file():
+    state = read_run_state(run_dir)
+    stopped = state is not None and (state["epoch"] < args.epochs or bool(stale_files(run_dir, state)))
+    if stopped or state is None and not (run_dir / "encoder.pt").is_file():
         commands.append(["training.py", "--num-train", str(args.num_train), "--epochs", str(args.epochs),
                          "--no-progress", "--checkpoint-dir", str(args.sweep_dir), "--run-name", name,
-                         "--save-every", str(args.epochs), *CONFIGS[name]])
+                         "--save-every", str(args.epochs), *CONFIGS[name], *["--resume"] * stopped])
     evaluation = ["--checkpoint-dir", str(run_dir), "--split", "validation"]
     if not (run_dir / "classifier.json").is_file():
         commands.append(["classifier.py", *evaluation, "--both", "--iterations", str(args.iterations),
@@ -74,7 +80,10 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     with open(run_dir / "sweep.log", "a") as log:
         for command in commands:
             print(f"[{name}] python {' '.join(command)}", flush=True)
-            subprocess.run([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+            done = subprocess.run([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT)
+            if done.returncode:
+                raise UserError(f"[{name}] `python {' '.join(command)}` failed (exit status {done.returncode}); "
+                                f"its output is at the end of {run_dir / 'sweep.log'}")
     without, with_evidence = json.loads((run_dir / "classifier.json").read_text())
     probes = json.loads((run_dir / "group_size.json").read_text())
     with open(run_dir / "log.csv") as file:
@@ -101,14 +110,16 @@ def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.iterations < 1 or args.jobs < 1:
-        parser.error("--epochs, --iterations and --jobs must be at least 1")
+    args.configs = list(dict.fromkeys(args.configs))  # a configuration named twice runs once
     if not 256 <= args.num_train <= VALIDATION_START:
-        parser.error(f"--num-train must lie in [256, {VALIDATION_START}]: "
-                     "the validation images must stay unseen")
+        parser.error(f"--num-train must lie in [256, {VALIDATION_START}]: the validation images must stay unseen")
+    check_writable(args.sweep_dir, "--sweep-dir", folder=True)
+    if args.out:
+        check_writable(args.out, "--out")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(lambda name: run_config(name, args), args.configs))
     table = markdown_table(rows, args)

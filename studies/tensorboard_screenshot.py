@@ -4,7 +4,7 @@ take a headless Chromium screenshot of the page, and stop the server it started 
 Needs the `tensorboard` package (requirements.txt) and Debian's `chromium` (`apt-get install -y chromium`);
 not part of the tests.
 
-    python -m studies.tensorboard_screenshot                       # images/tensorboard.png
+    python -m studies.tensorboard_screenshot --out out/tensorboard.png   # default --out: images/tensorboard.png
     python -m studies.tensorboard_screenshot --logdir runs --tab images --out /tmp/images.png
 
 The page is opened with `?forceSVG=true`: headless Chromium without a GPU leaves TensorBoard's WebGL
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from runs import script_parser
+from runs import reports_errors, script_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 # --run-all-compositor-stages-before-draw lets the page draw in virtual time; without it, about one
@@ -93,6 +93,7 @@ def screenshot(url: str, out: Path, window_size: str, render_ms: int, colors: in
         Image.open(out).convert("RGB").quantize(colors).save(out, optimize=True)
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     out = Path(args.out)

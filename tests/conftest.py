@@ -1,5 +1,11 @@
-"""Shared test fixtures: the repository root on sys.path and the paths to ../shared."""
+"""Shared test fixtures: the repository root on sys.path and the reference's published weights
+($MLVAE_REFERENCE_DIR, default ../shared/reference/checkpoints; tests that need them skip without them)."""
+import itertools
+import multiprocessing
+import os
+import runpy
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -7,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
-REFERENCE_CHECKPOINTS = SHARED / "reference" / "checkpoints"
+REFERENCE_CHECKPOINTS = Path(os.environ.get("MLVAE_REFERENCE_DIR", SHARED / "reference" / "checkpoints"))
 
 
 @pytest.fixture
@@ -27,3 +33,98 @@ def tiny_run(tmp_path_factory) -> Path:
     return training.main(["--num-train", "512", "--batch-size", "64", "--epochs", "1", "--style-dim", "6",
                           "--class-dim", "4", "--eps-std", "0.5", "--checkpoint-dir", str(root / "ck"),
                           "--log-dir", str(root / "runs"), "--run-name", "tiny", "--no-progress"])
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A --data-dir with the first 512 MNIST train and 256 test images as uncompressed IDX files: loads in
+    milliseconds."""
+    import data_loader
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, count in (("train", 512), ("test", 256)):
+        images, labels = data_loader.load_split(ROOT / "data", split)
+        prefix = data_loader.SPLIT_PREFIX[split]
+        header = (2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (count, 28, 28))
+        pixels = (images[:count] * 255).round().byte().numpy().tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + pixels)
+        header = (2049).to_bytes(4, "big") + count.to_bytes(4, "big")
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels[:count].byte().numpy().tobytes())
+    return root
+
+
+# Imported once by the fork server, so that a script process starts in milliseconds, not seconds.
+PRELOADED = ["torch", "torchvision", "numpy", "matplotlib.pyplot", "sklearn.linear_model", "sklearn.neighbors",
+             "sklearn.manifold", "tqdm", "tensorboardX", "data_loader", "networks", "utils", "runs", "evaluation",
+             "conftest"]
+
+
+def run_as_main(module: str, argv: list[str], cwd: str, stdout: str, stderr: str) -> None:
+    """The body of a script process: `python -m <module> <argv>` run in `cwd`, its output to two files."""
+    os.chdir(cwd)
+    for fd, path in ((1, stdout), (2, stderr)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.argv = [module, *argv]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+@dataclass
+class ScriptProcess:
+    """A running script: wait for it, kill it, read what it wrote."""
+
+    process: multiprocessing.Process
+    stdout_path: Path
+    stderr_path: Path
+
+    def wait(self, timeout: float = 120) -> int:
+        """The exit status (negative: the signal that ended it); a process still running is killed."""
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.kill()
+            raise TimeoutError(f"{self.stderr_path}: still running after {timeout} s")
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        self.process.kill()  # SIGKILL
+        self.process.join()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+
+@pytest.fixture(scope="session")
+def start_script(tmp_path_factory):
+    """start_script(module, *args, cwd=ROOT) runs `python -m <module> <args>` as its own process: forked
+    from a server that imported torch and the project's modules once (multiprocessing's forkserver),
+    it behaves as a fresh interpreter would (exit status, stderr, a traceback for an uncaught error),
+    without the seconds of imports."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOADED)
+    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "MPLBACKEND")}
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), *filter(None, [saved["PYTHONPATH"]])])
+    os.environ["MPLBACKEND"] = "Agg"  # the scripts' own choice, so that pyplot can be imported in advance
+    try:
+        warm_up = context.Process(target=os.getpid)  # waits for the server's imports
+        warm_up.start()
+        warm_up.join()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+    logs = tmp_path_factory.mktemp("script_output")
+    numbers = itertools.count()
+
+    def start(module: str, *args, cwd: Path = ROOT) -> ScriptProcess:
+        number = next(numbers)
+        out, err = logs / f"{number}.out", logs / f"{number}.err"
+        process = context.Process(target=run_as_main, args=(module, [str(a) for a in args], str(cwd), str(out),
+                                                            str(err)))
+        process.start()
+        return ScriptProcess(process, out, err)
+
+    return start

@@ -1,5 +1,6 @@
 """training.py end to end on small subsets: outputs, resume, interruption, bad flags."""
 import csv
+import json
 import os
 import signal
 
@@ -8,6 +9,7 @@ import torch
 
 import training
 from networks import Decoder, Encoder
+from runs import RUN_FILES, STATE_FILE, stale_files
 
 SMALL = ["--num-train", "512", "--batch-size", "64", "--no-progress"]
 
@@ -79,7 +81,11 @@ def test_resume_after_epochs_matches_an_uninterrupted_run(tmp_path):
     assert [r["epoch"] for r in read_rows(resumed)] == ["1", "2", "3", "4"]
 
 
-def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def ctrl_c_runs(tmp_path_factory):
+    """A 3-epoch run, and the same run stopped by Ctrl-C in the middle of epoch 2 (its saved state is
+    returned too) and resumed: (straight run folder, resumed run folder, state saved at the Ctrl-C)."""
+    tmp_path = tmp_path_factory.mktemp("ctrl_c")
     straight = run(tmp_path, "--epochs", "3", "--run-name", "straight")
     calls = {"n": 0}
     original_step = training.train_step
@@ -90,22 +96,52 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypa
             os.kill(os.getpid(), signal.SIGINT)
         return original_step(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_step", interrupting_step)
-    interrupted = run(tmp_path, "--epochs", "3", "--run-name", "split")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(training, "train_step", interrupting_step)
+        interrupted = run(tmp_path, "--epochs", "3", "--run-name", "split")
     state = torch.load(interrupted / "training_state.pt", weights_only=True)
-    assert (state["epoch"], state["step"]) == (1, 5)
-    monkeypatch.setattr(training, "train_step", original_step)
     run(tmp_path, "--epochs", "3", "--run-name", "split", "--resume")
-    assert_same_weights(weights(straight), weights(interrupted))
+    return straight, interrupted, state
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_ctrl_c_saves_in_the_middle_of_the_epoch(ctrl_c_runs):
+    _, _, state = ctrl_c_runs
+    assert (state["epoch"], state["step"], len(state["log"])) == (1, 5, 1)
+
+
+def test_ctrl_c_and_resume_match_an_uninterrupted_run(ctrl_c_runs):
+    straight, resumed, _ = ctrl_c_runs
+    assert_same_weights(weights(straight), weights(resumed))
+
+
+def test_log_row_of_an_epoch_interrupted_and_resumed_equals_the_uninterrupted_one(ctrl_c_runs):
+    straight, resumed, _ = ctrl_c_runs
+    losses = [[{key: row[key] for key in row if key != "images_per_s"} for row in read_rows(folder)]
+              for folder in (straight, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def nan_losses(*args):
+    return torch.full((3,), float("nan"), requires_grad=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     run_dir = run(tmp_path, "--epochs", "1", "--run-name", "r")
     good = weights(run_dir)
-    monkeypatch.setattr(training, "compute_losses", lambda *a: torch.full((3,), float("nan"), requires_grad=True))
-    with pytest.raises(SystemExit, match="NaN|nan"):
+    monkeypatch.setattr(training, "compute_losses", nan_losses)
+    with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, "--epochs", "2", "--run-name", "r", "--resume")
+    assert exit_info.value.code == 1
+    assert f"nan, nan, nan] at epoch 2, step 8; {run_dir} keeps its last save (epoch 1" in capsys.readouterr().err
     assert_same_weights(good, weights(run_dir))
+
+
+def test_nan_loss_in_a_new_run_says_nothing_was_saved_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "compute_losses", nan_losses)
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--epochs", "2", "--run-name", "r")
+    assert "nothing was saved" in capsys.readouterr().err
+    assert not (tmp_path / "ck" / "r").exists()
 
 
 def test_help_works(capsys):
@@ -144,6 +180,48 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--epochs", "1", "--run-name", "r")
     assert "--resume" in capsys.readouterr().err
+
+
+def test_a_run_without_training_state_is_replaced_only_with_overwrite(tmp_path, capsys):
+    run_dir = run(tmp_path, "--epochs", "1", "--run-name", "r")
+    (run_dir / "training_state.pt").unlink()  # as the shipped runs: weights, args.json and log.csv only
+    shipped = weights(run_dir)
+    for flags in ([], ["--resume"]):
+        with pytest.raises(SystemExit):
+            run(tmp_path, "--epochs", "2", "--run-name", "r", *flags)
+        assert "--run-name" in capsys.readouterr().err
+    assert_same_weights(shipped, weights(run_dir))
+    run(tmp_path, "--epochs", "2", "--run-name", "r", "--overwrite")
+    assert [row["epoch"] for row in read_rows(run_dir)] == ["1", "2"]
+
+
+def test_resume_takes_the_settings_it_is_not_given_from_the_saved_run(tmp_path):
+    run(tmp_path, "--epochs", "1", "--run-name", "r", "--style-dim", "6", "--eps-std", "0.5")
+    run_dir = run(tmp_path, "--epochs", "2", "--run-name", "r", "--resume")
+    saved = json.loads((run_dir / "args.json").read_text())
+    assert (saved["style_dim"], saved["eps_std"], saved["epochs"]) == (6, 0.5, 2)
+    assert len(read_rows(run_dir)) == 2
+
+
+def test_resume_rewrites_the_files_of_a_save_cut_short(tmp_path, capsys):
+    run_dir = run(tmp_path, "--epochs", "1", "--run-name", "r")
+    state = torch.load(run_dir / STATE_FILE, weights_only=True)
+    (run_dir / "decoder.pt").unlink()
+    (run_dir / "log.csv").write_text("epoch\n")
+    (run_dir / "encoder.pt.tmp").write_bytes(b"half a file")
+    assert stale_files(run_dir, state) == ["decoder.pt", "log.csv"]
+    run(tmp_path, "--epochs", "1", "--run-name", "r", "--resume")
+    assert "already finished" in capsys.readouterr().out
+    assert not stale_files(run_dir, torch.load(run_dir / STATE_FILE, weights_only=True))
+    assert sorted(path.name for path in run_dir.iterdir()) == sorted([STATE_FILE, *RUN_FILES])
+    assert [row["epoch"] for row in read_rows(run_dir)] == ["1"]
+
+
+def test_num_train_beyond_the_data_is_refused_not_recorded(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--epochs", "1", "--run-name", "r", "--num-train", "100000")
+    assert "--num-train 100000 exceeds the 60000" in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()
 
 
 def test_classes_flag_trains_only_on_those_labels(tmp_path, monkeypatch):

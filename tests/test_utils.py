@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from utils import (accumulate_group_evidence, class_kl_divergence, group_wise_reparameterize, kl_divergence,
-                   latent_layer, reconstruction_loss, training_groups)
+from utils import (accumulate_group_evidence, class_kl_divergence, group_index, group_wise_reparameterize,
+                   kl_divergence, latent_layer, num_training_groups, reconstruction_loss, training_groups)
 
 
 def naive_product_of_gaussians(mu, logvar, groups):
@@ -29,6 +29,29 @@ def test_accumulation_equals_naive_product_of_gaussians(num_groups):
     want_mu, want_logvar = naive_product_of_gaussians(mu, logvar, groups)
     torch.testing.assert_close(got_mu.double(), want_mu, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_logvar.double(), want_logvar, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_size_index_with_empty_groups_equals_the_naive_product_and_keeps_gradients_finite():
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn(64, 7, generator=gen, requires_grad=True)
+    logvar = (2 * torch.randn(64, 7, generator=gen)).requires_grad_()
+    groups = torch.randint(0, 5, (64,), generator=gen) * 2  # ids 0, 2, 4, 6, 8 of [0, 12): 7 groups empty
+    index = group_index(groups, num_groups=12)
+    assert index[1].tolist() == torch.bincount(groups, minlength=12).tolist()
+    got_mu, got_logvar = accumulate_group_evidence(mu, logvar, groups, index)
+    want_mu, want_logvar = naive_product_of_gaussians(mu, logvar, groups)
+    torch.testing.assert_close(got_mu.double(), want_mu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_logvar.double(), want_logvar, rtol=1e-5, atol=1e-5)
+    (got_mu.sum() + got_logvar.sum() + class_kl_divergence(got_mu, got_logvar, groups, index=index)).backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(logvar.grad).all()
+
+
+def test_given_noise_is_the_noise_used():
+    mu, logvar = torch.zeros(4, 3), torch.zeros(4, 3)
+    eps = torch.randn(6, 3)
+    z = group_wise_reparameterize(mu, logvar, torch.tensor([5, 5, 0, 2]), 0.5, index=group_index(
+        torch.tensor([5, 5, 0, 2]), num_groups=6), eps=eps)
+    torch.testing.assert_close(z, 0.5 * eps[[5, 5, 0, 2]])
 
 
 def test_group_of_one_gives_its_own_posterior_back():
@@ -135,3 +158,4 @@ def test_training_groups_split_each_label_into_groups_of_at_most_the_size():
     members = {int(g): (labels[groups == g].unique().tolist(), int((groups == g).sum())) for g in groups.unique()}
     assert sorted(members.values()) == [([0], 1), ([1], 2), ([3], 1), ([3], 2), ([3], 2)]
     assert groups[0] == groups[2] and groups[3] == groups[6]  # batch order within a label
+    assert groups.max() < num_training_groups(4, len(labels), 2)  # ids fit the fixed-size index

@@ -1,0 +1,213 @@
+"""The headline tables: mean ± std over seeds of the per-run files results/eval_*.json (studies.evaluate).
+
+Runs named <run>, <run>_seed1, <run>_seed2, ... are seeds of one configuration <run>. Writes the
+headline tables to results/headline.md and between README.md's markers `<!-- headline:start -->` and
+`<!-- headline:end -->`, a table of every evaluated run (each seed a row) to results/evaluations.md, and
+the figure of class accuracy against K fused images (seed means) to images/group_size.png.
+
+    python -m studies.aggregate            # after `python -m studies.evaluate ... --json results/eval_<run>.json`
+    python -m studies.aggregate --check    # exit 1 when README.md or results/headline.md differ from the files
+
+The std is the sample standard deviation (n - 1) over seeds; a configuration with one seed shows its
+value alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+from runs import script_parser, write_text_atomic
+
+START, END = "<!-- headline:start -->", "<!-- headline:end -->"
+# Headline configurations, in table order; other evaluated runs appear in results/evaluations.md only.
+HEADLINE = ("mlvae_eps0.1", "mlvae_eps1", "reference_objective_eps0.1", "mlvae_eps0.1_stylekl4",
+            "reference_eps0.1", "reference_eps1")
+FIGURE = ("mlvae_eps0.1", "mlvae_eps0.1_stylekl4", "reference_eps0.1")
+HEADLINE_K = (1, 2, 4, 8, 16)
+EVIDENCE = {"no_evidence": "no", "with_evidence": "yes"}
+CODES = [(f"{code}: {latents}", ("latent_classifier", latents, "{evidence}", f"{code}_test"))
+         for code in ("style", "class") for latents in ("sampled", "means")]
+SWAP = [("content transfer", ("swap_score", "{evidence}", "content_transfer")),
+        ("style leak", ("swap_score", "{evidence}", "style_leak")),
+        ("ceiling", ("swap_score", "{evidence}", "reconstruction_ceiling"))]
+LOSS = [("reconstruction, means", ("test_loss", "posterior_means")),
+        ("reconstruction, sampled", ("test_loss", "sampled"))]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = script_parser(__doc__)
+    add = parser.add_argument
+    add("--results-dir", type=Path, default=Path("results"), help="folder of the eval_*.json files")
+    add("--readme", type=Path, default=Path("README.md"), help="README whose headline block is rewritten")
+    add("--out", type=Path, default=None, help="headline tables (default: <results-dir>/headline.md)")
+    add("--figure", type=Path, default=Path("images/group_size.png"), help="class accuracy against K, seed means")
+    add("--check", action="store_true", help="write nothing; exit 1 when the README block or the headline "
+                                             "file differs from what the JSON files give")
+    return parser
+
+
+def configuration(run: str) -> str:
+    """The configuration a run belongs to: its name without a trailing _seed<N>."""
+    return re.sub(r"_seed\d+$", "", run)
+
+
+def load_evaluations(folder: Path) -> list[dict]:
+    """Every results/eval_*.json, in file-name order; ValueError when their classifier steps differ."""
+    evaluations = [json.loads(path.read_text()) for path in sorted(folder.glob("eval_*.json"))]
+    steps = {e["evaluation"]["classifier_iterations"] for e in evaluations}
+    if len(steps) > 1:
+        raise ValueError(f"the evaluations in {folder} used different classifier steps {sorted(steps)}; "
+                         "rerun them with the same --iterations")
+    return evaluations
+
+
+def group_seeds(evaluations: list[dict]) -> dict[str, list[dict]]:
+    """{configuration: its runs}, configurations in order of first appearance."""
+    groups: dict[str, list[dict]] = {}
+    for evaluation in evaluations:
+        groups.setdefault(configuration(evaluation["run"]), []).append(evaluation)
+    return groups
+
+
+def value(evaluation: dict, path: tuple[str, ...], **fields: str) -> float:
+    """The number at `path` (keys, formatted with `fields`); "K=<k>" picks the MLP's accuracy at K=k."""
+    node = evaluation
+    for key in path:
+        key = key.format(**fields)
+        if key.startswith("K="):
+            node = node["mlp"][node["group_sizes"].index(int(key[2:]))]
+        else:
+            node = node[key]
+    return node
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    """'mean ± std' (sample std) with `digits` decimals, or the value alone for one seed."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def cells(runs: list[dict], columns: list[tuple[str, tuple]], digits: int, **fields: str) -> list[str]:
+    return [mean_std([value(run, path, **fields) for run in runs], digits) for _, path in columns]
+
+
+def headline_tables(evaluations: list[dict], configurations: tuple[str, ...] = HEADLINE) -> str:
+    """The three headline tables (Markdown) of the configurations present, in `configurations` order."""
+    groups = group_seeds(evaluations)
+    shown = [(name, groups[name]) for name in configurations if name in groups]
+    if not shown:
+        raise ValueError(f"no evaluation of any of {', '.join(configurations)}")
+    steps = shown[0][1][0]["evaluation"]["classifier_iterations"]
+    sizes = [k for k in HEADLINE_K if all(k in run["group_size"]["group_sizes"] for _, runs in shown for run in runs)]
+    fused = [(f"K={k}", ("group_size", f"K={k}")) for k in sizes]
+    codes, swap, rest = [], [], []
+    for name, runs in shown:
+        first = [f"`{name}`", str(len(runs))]
+        for evidence, shown_as in EVIDENCE.items():
+            codes.append(first + [shown_as] + cells(runs, CODES, 1, evidence=evidence))
+            swap.append(first + [shown_as] + cells(runs, SWAP, 1, evidence=evidence))
+            first = ["", ""]
+        rest.append([f"`{name}`", str(len(runs))] + cells(runs, fused, 1) + cells(runs, LOSS, 4))
+    return "\n\n".join([
+        f"Digit accuracy (%) on the MNIST test split of the reference's classifier MLP ({steps} steps, "
+        "BatchNorm in eval mode) trained on one code. **sampled**: latents drawn from the posteriors "
+        "(the reference's protocol); **means**: posterior means. **evidence**: the class code fused over "
+        "the images of the same digit in each test batch of 128 (grouped by the true label, as the "
+        "reference does); evidence leaves the style code as it is, so its two rows differ only by the "
+        "classifier's training noise. Style: lower is better; class: higher is better. Mean ± sample "
+        "std over n seeds.",
+        markdown(["run", "n", "evidence", *(title for title, _ in CODES)], codes),
+        "Class code of the query fused with K-1 other test images of its digit (no label-sorted batch), "
+        "MLP trained on single-image posterior means; test reconstruction error per pixel (the "
+        "training loss's term) from the posterior means and from the training's sampled latent layer.",
+        markdown(["run", "n", *(f"class, {title}" for title, _ in fused), *(title for title, _ in LOSS)], rest),
+        "Swap score (%): generations from one test image's style and another's class code, judged by a "
+        "pixel CNN. Content transfer: labelled as the class source (chance 10); style leak: labelled as "
+        "the style source; ceiling: the CNN on plain reconstructions. Evidence: the class code fused over "
+        "the class source and 24 other test images of its digit.",
+        markdown(["run", "n", "evidence", *(title for title, _ in SWAP)], swap),
+    ]) + "\n"
+
+
+def evaluations_table(evaluations: list[dict]) -> str:
+    """Every evaluated run (each seed a row), test accuracies on both protocols and the swap score."""
+    columns = [(f"{title}, {evidence.replace('_', ' ')}", tuple(k.format(evidence=evidence) for k in path))
+               for evidence in EVIDENCE for title, path in CODES]
+    columns += [(f"swap {title}", tuple(k.format(evidence="no_evidence") for k in path)) for title, path in SWAP]
+    rows = [[f"`{run['run']}`", str(run["training_args"]["seed"]) if run["training_args"] else "",
+             *cells([run], columns, 2), *cells([run], LOSS, 5)] for run in evaluations]
+    return ("Every evaluated run (results/eval_<run>.json), one row per seed: test accuracy (%) of the latent "
+            "classifiers, swap score without evidence, test reconstruction error per pixel.\n\n"
+            + markdown(["run", "seed", *(title for title, _ in columns), *(title for title, _ in LOSS)], rows) + "\n")
+
+
+def replace_block(text: str, block: str) -> str:
+    """`text` with everything between the headline markers replaced by `block`; ValueError without them."""
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"the README needs one {START} line followed by one {END} line")
+    head, rest = text.split(START)
+    _, tail = rest.split(END)
+    return f"{head}{START}\n{block}{END}{tail}"
+
+
+def readme_block(text: str) -> str:
+    """What stands between the headline markers; ValueError without them."""
+    replace_block(text, "")
+    return text.split(START)[1].split(END)[0].lstrip("\n")
+
+
+def plot_group_size(groups: dict[str, list[dict]], out: Path) -> None:
+    """Class accuracy against K, the mean over seeds of each configuration in FIGURE that was evaluated."""
+    from studies.group_size import PROBES, plot_curves
+
+    curves = []
+    for name in FIGURE:
+        if name not in groups:
+            continue
+        runs = groups[name]
+        curve = {"label": f"{name} (n={len(runs)})", "group_sizes": runs[0]["group_size"]["group_sizes"]}
+        for probe in PROBES:
+            curve[probe] = [statistics.mean(values) for values in zip(*(run["group_size"][probe] for run in runs))]
+        curves.append(curve)
+    if curves:
+        plot_curves(curves, str(out))
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = args.out or args.results_dir / "headline.md"
+    try:
+        evaluations = load_evaluations(args.results_dir)
+        block = headline_tables(evaluations)
+        readme = replace_block(args.readme.read_text(), block)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    if args.check:
+        stale = [str(path) for path, text in ((args.readme, readme), (out, block))
+                 if not path.is_file() or path.read_text() != text]
+        if stale:
+            sys.exit(f"out of date: {', '.join(stale)}; run `python -m studies.aggregate`")
+        print(f"{args.readme} and {out} agree with {args.results_dir}/eval_*.json")
+        return block
+    write_text_atomic(out, block)
+    write_text_atomic(args.results_dir / "evaluations.md", evaluations_table(evaluations))
+    write_text_atomic(args.readme, readme)
+    plot_group_size(group_seeds(evaluations), args.figure)
+    print(block)
+    print(f"Wrote {out}, {args.results_dir / 'evaluations.md'}, {args.figure} and the block in {args.readme}")
+    return block
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Every number of one trained run, each question asked the same way for every run, in one JSON file.
+
+On the test split, with the run's own eps std:
+- latent classifier, the reference's protocol (evaluation.classifier_protocol: its MLP, Adam lr 1e-4,
+  train batches of 128, BatchNorm in eval mode), for the style and the class code, on sampled latents
+  and on posterior means, each without and with evidence (test batches grouped by the true label, as
+  the reference does); train and test accuracy. The sampled protocols are also measured the
+  reference's way, BatchNorm normalising each batch by its own statistics;
+- the class code fused over K images of the digit, no label-sorted batch (studies.group_size:
+  logistic, kNN, and the MLP trained on posterior means above);
+- swap score without and with evidence (studies.swap_score);
+- the loss terms on the test split, per pixel as training.py logs them: reconstruction from the
+  posterior means and from the training's sampled latent layer, style and class KL;
+- the run's training arguments, the evaluation's settings, the command and its wall time.
+
+    python -m studies.evaluate --checkpoint-dir checkpoints/mlvae_eps0.1 --json out/eval_mlvae_eps0.1.json
+    python -m studies.evaluate --eps-std 0.1 --name reference_eps0.1 \\
+        --encoder $MLVAE_REFERENCE_DIR/encoder_0.1_var_reparam \\
+        --decoder $MLVAE_REFERENCE_DIR/decoder_0.1_var_reparam --json out/eval_reference_eps0.1.json
+
+About 3 minutes per run on one busy CPU core at the default 5000 classifier steps (most of it the
+four classifier trainings); `python -m studies.aggregate` turns the files into the headline table.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data_loader
+from evaluation import (Posteriors, batch_groups, batch_order, classifier_protocol, encode, latent_accuracies,
+                        load_pixel_classifier)
+from networks import PIXELS
+from runs import (ModelSettings, add_model_arguments, check_writable, device_and_models, read_log, reports_errors,
+                  script_parser, write_text_atomic)
+from studies.group_size import GROUP_SIZES, accuracy_by_group_size
+from studies.swap_score import swap_scores
+from utils import accumulate_group_evidence, group_index, latent_layer, reconstruction_loss
+
+ITERATIONS = 5000  # classifier steps, the same for every run (the reference: 100000; classifier.py: 20000)
+PROTOCOLS = [(latents, evidence) for latents in ("sampled", "means") for evidence in ("no_evidence", "with_evidence")]
+TRAINING_BATCH = 256  # the training batch, within which a digit's images form a group
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = script_parser(__doc__)
+    add_model_arguments(parser)
+    add = parser.add_argument
+    add("--name", default=None, help="the run's name in the JSON (default: the run folder's name)")
+    add("--iterations", type=int, default=ITERATIONS, help="training steps of each latent classifier")
+    add("--batch-size", type=int, default=128, help="images per classifier batch")
+    add("--lr", type=float, default=1e-4, help="Adam learning rate of the classifiers")
+    add("--group-sizes", type=int, nargs="+", default=list(GROUP_SIZES), help="values of K for the fused class code")
+    add("--pixel-classifier", default=None,
+        help="CNN of the swap score (default: checkpoints/pixel_classifier_<dataset>.pt)")
+    add("--num-styles", type=int, default=1000, help="style sources of the swap score")
+    add("--evidence-size", type=int, default=25, help="images fused per class code in the swap score with evidence")
+    add("--seed", type=int, default=0, help="seed of the classifiers, the batches, the noise and the draws")
+    add("--json", default=None, help="write every number here")
+    add("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+@torch.no_grad()
+def loss_terms(encoder: torch.nn.Module, decoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                likelihood: str, eps_std: float, generator: torch.Generator) -> dict[str, float]:
+    """The loss terms on a split, each summed and divided by (images * 784) as training.py logs them.
+
+    posterior_means: reconstruction from the style mean and the image's own class mean.
+    sampled: the training's latent layer (utils.latent_layer) on random batches of 256 grouped by
+    label; style_kl and class_kl come from the same pass, the class KL counted once per group (the paper).
+    means_with_evidence: the same batches, from the style mean and the group's fused class mean.
+    """
+    x = images.reshape(len(images), PIXELS)
+    style_mu, style_logvar, class_mu, class_logvar = encode(encoder, x)
+    logits, pixel_logvar = decoder.logits(style_mu, class_mu)
+    means = reconstruction_loss(x, logits, pixel_logvar, likelihood)
+    order = batch_order(len(x), TRAINING_BATCH, generator)
+    groups = batch_groups(labels[order], TRAINING_BATCH)
+    style_z, class_z, style_kl, class_kl = latent_layer(
+        style_mu[order], style_logvar[order], class_mu[order], class_logvar[order], groups, eps_std,
+        generator=generator, index=group_index(groups))
+    logits, pixel_logvar = decoder.logits(style_z, class_z)
+    sampled = reconstruction_loss(x[order], logits, pixel_logvar, likelihood)
+    group_mu, _ = accumulate_group_evidence(class_mu[order], class_logvar[order], groups)
+    logits, pixel_logvar = decoder.logits(style_mu[order], group_mu)
+    fused = reconstruction_loss(x[order], logits, pixel_logvar, likelihood)
+    sampled_pixels = len(order) * PIXELS  # whole batches only, as in training
+    return {"posterior_means": means.item() / (len(x) * PIXELS), "sampled": sampled.item() / sampled_pixels,
+            "means_with_evidence": fused.item() / sampled_pixels,
+            "style_kl": style_kl.item() / sampled_pixels, "class_kl": class_kl.item() / sampled_pixels}
+
+
+def latent_classifier_results(train: tuple[Posteriors, torch.Tensor], test: tuple[Posteriors, torch.Tensor],
+                              args: argparse.Namespace, eps_std: float, bar: tqdm) -> tuple[dict, torch.nn.Module]:
+    """The four protocols (sampled or means, without or with evidence), plus the sampled ones measured
+    with BatchNorm on each batch's statistics. Returns (results, the class classifier on means)."""
+    results = {"sampled": {}, "means": {}, "sampled_batchnorm_batch_stats": {}}
+    for latents, evidence in PROTOCOLS:
+        bar.set_description(f"classifiers, {latents}, {evidence.replace('_', ' ')}")
+        protocol = dict(sampled=latents == "sampled", evidence=evidence == "with_evidence", eps_std=eps_std)
+        results[latents][evidence], models = classifier_protocol(
+            train, test, **protocol, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+            seed=args.seed, progress=not bar.disable)
+        if latents == "sampled":
+            # The reference's measurement: its classifiers were left in training mode.
+            generator = torch.Generator(device=train[1].device).manual_seed(args.seed)
+            measured = {split: latent_accuracies(models, *data, batch_size=args.batch_size, generator=generator,
+                                                 batch_stats=True, **protocol)
+                        for split, data in (("train", train), ("test", test))}
+            results["sampled_batchnorm_batch_stats"][evidence] = {
+                f"{code}_{split}": measured[split][i] for i, code in enumerate(("style", "class"))
+                for split in ("train", "test")}
+        if (latents, evidence) == ("means", "no_evidence"):
+            class_on_means = models[1]
+        bar.update()
+    return results, class_on_means
+
+
+def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.Module, decoder: torch.nn.Module,
+             settings: ModelSettings) -> dict:
+    """Every number of the run (see the module docstring) as one JSON-ready dict."""
+    (train_x, train_y), (test_x, test_y) = data_loader.evaluation_splits(args.data_dir, settings.dataset, "test",
+                                                                         device)
+    pixel_classifier = load_pixel_classifier(
+        args.pixel_classifier or f"checkpoints/pixel_classifier_{settings.dataset}.pt", device)
+    train, test = (encode(encoder, train_x), train_y), (encode(encoder, test_x), test_y)
+    bar = tqdm(total=len(PROTOCOLS) + 3, unit="stage", disable=args.no_progress, dynamic_ncols=True)
+    classifiers, mlp = latent_classifier_results(train, test, args, settings.eps_std, bar)
+
+    bar.set_description("class code, K images fused")
+    group_size = {"group_sizes": args.group_sizes, **accuracy_by_group_size(
+        train[0][2], train_y, test[0][2], test[0][3], test_y, mlp, args.group_sizes,
+        torch.Generator().manual_seed(args.seed))}
+    bar.update()
+
+    bar.set_description("swap score")
+    swap = swap_scores(encoder, decoder, pixel_classifier, test_x, test_y, args.num_styles, args.evidence_size,
+                       torch.Generator().manual_seed(args.seed))
+    bar.update()
+
+    bar.set_description("test loss")
+    losses = loss_terms(encoder, decoder, test_x, test_y, settings.likelihood, settings.eps_std,
+                         torch.Generator(device=device).manual_seed(args.seed))
+    bar.update()
+    bar.close()
+
+    args_path = settings.encoder_path.parent / "args.json"
+    training_args = json.loads(args_path.read_text()) if settings.encoder_path.name == "encoder.pt" \
+        and args_path.is_file() else None
+    log = read_log(settings.encoder_path.parent / "log.csv") if training_args else []
+    return {
+        "run": args.name or settings.name,
+        "model": {"encoder": str(settings.encoder_path), "decoder": str(settings.decoder_path),
+                  "encoder_sha256": sha256(settings.encoder_path), "decoder_sha256": sha256(settings.decoder_path),
+                  "style_dim": settings.style_dim, "class_dim": settings.class_dim, "eps_std": settings.eps_std,
+                  "likelihood": settings.likelihood, "dataset": settings.dataset},
+        "training_args": training_args,
+        "epochs_trained": int(log[-1]["epoch"]) if log else None,
+        "evaluation": {"split": "test", "classifier_iterations": args.iterations,
+                       "classifier_batch_size": args.batch_size, "classifier_lr": args.lr, "seed": args.seed,
+                       "group_sizes": args.group_sizes, "swap_num_styles": args.num_styles,
+                       "swap_evidence_size": args.evidence_size, "loss_batch_size": TRAINING_BATCH},
+        "latent_classifier": classifiers,
+        "group_size": group_size,
+        "swap_score": swap,
+        "test_loss": losses,
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+
+
+def sha256(path: Path) -> str:
+    """The file's SHA-256, so a result can be matched to the weights it measured."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def summary(results: dict) -> str:
+    """A few lines of the headline numbers, for the terminal."""
+    lines = [f"{results['run']}: {results['evaluation']['classifier_iterations']} classifier steps, "
+             f"{results['wall_time_s']:.0f} s ({results['cpu_time_s']:.0f} s of CPU)",
+             "| latents | evidence | style train | style test | class train | class test |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for latents, evidence in PROTOCOLS:
+        row = results["latent_classifier"][latents][evidence]
+        lines.append(f"| {latents} | {evidence.replace('_', ' ')} | " + " | ".join(
+            f"{row[key]:.2f}" for key in ("style_train", "style_test", "class_train", "class_test")) + " |")
+    group = results["group_size"]
+    lines.append("class code, K images fused (MLP): " + ", ".join(
+        f"K={k} {accuracy:.2f}" for k, accuracy in zip(group["group_sizes"], group["mlp"])))
+    for name in ("no_evidence", "with_evidence"):
+        swap = results["swap_score"][name]
+        lines.append(f"swap, {name.replace('_', ' ')}: content transfer {swap['content_transfer']:.2f}, "
+                     f"style leak {swap['style_leak']:.2f}, ceiling {swap['reconstruction_ceiling']:.2f}")
+    loss = results["test_loss"]
+    lines.append(f"test reconstruction per pixel: posterior means {loss['posterior_means']:.5f}, with evidence "
+                 f"{loss['means_with_evidence']:.5f}, sampled {loss['sampled']:.5f}")
+    return "\n".join(lines)
+
+
+@reports_errors
+def main(argv: list[str] | None = None) -> dict:
+    start, cpu_start = time.perf_counter(), time.process_time()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.iterations < 1:
+        parser.error("--iterations must be at least 1")
+    if args.batch_size < 2:
+        parser.error("--batch-size must be at least 2 (BatchNorm needs two rows)")
+    if min(args.group_sizes) < 1:
+        parser.error("--group-sizes must be at least 1")
+    if args.json:
+        check_writable(args.json, "--json")
+    device, encoder, decoder, settings = device_and_models(parser, args)
+    try:
+        results = evaluate(args, device, encoder, decoder, settings)
+    except (data_loader.DatasetFileError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    results["command"] = shlex.join(["python", "-m", "studies.evaluate",
+                                     *(sys.argv[1:] if argv is None else argv)])
+    results["wall_time_s"] = round(time.perf_counter() - start, 1)
+    results["cpu_time_s"] = round(time.process_time() - cpu_start, 1)  # all threads; below wall time when shared
+    print(summary(results))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(results, indent=1) + "\n")
+        print(f"Wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""studies/aggregate.py: seeds grouped, mean ± sample std, the README block rewritten and checked."""
+import copy
+import json
+
+import pytest
+
+from studies import aggregate
+
+
+def fake_evaluation(run: str, accuracy: float, iterations: int = 5000) -> dict:
+    """An evaluation in studies.evaluate's schema whose every accuracy is `accuracy`."""
+    four = dict.fromkeys(("style_train", "style_test", "class_train", "class_test"), accuracy)
+    protocol = {"no_evidence": four, "with_evidence": four}
+    swap = dict.fromkeys(("content_transfer", "style_leak", "reconstruction_ceiling"), accuracy)
+    sizes = [1, 2, 4, 8, 16, 32]
+    return copy.deepcopy({
+        "run": run, "training_args": {"seed": 0}, "evaluation": {"classifier_iterations": iterations},
+        "latent_classifier": {"sampled": protocol, "means": protocol},
+        "group_size": {"group_sizes": sizes, **{probe: [accuracy] * len(sizes) for probe in ("logistic", "knn", "mlp")}},
+        "swap_score": {"no_evidence": swap, "with_evidence": swap},
+        "test_loss": {"posterior_means": accuracy / 1000, "sampled": accuracy / 1000},
+    })
+
+
+def rows_of(table: str, run: str) -> list[str]:
+    lines = table.splitlines()
+    return [line for line in lines if line.startswith(f"| `{run}` |")]
+
+
+def test_seeds_share_a_row_with_their_mean_and_sample_std():
+    runs = [fake_evaluation("mlvae_eps0.1", 50.0), fake_evaluation("mlvae_eps0.1_seed1", 52.0),
+            fake_evaluation("mlvae_eps0.1_seed2", 54.0)]
+    table = aggregate.headline_tables(runs)
+    rows = rows_of(table, "mlvae_eps0.1")
+    assert len(rows) == 3  # one row in each of the three tables
+    codes, fused, swap = rows
+    assert codes == "| `mlvae_eps0.1` | 3 | no |" + " 52.0 ± 2.0 |" * 4
+    assert fused == "| `mlvae_eps0.1` | 3 |" + " 52.0 ± 2.0 |" * 5 + " 0.0520 ± 0.0020 |" * 2
+    assert swap == "| `mlvae_eps0.1` | 3 | no |" + " 52.0 ± 2.0 |" * 3
+    assert "|  |  | yes |" + " 52.0 ± 2.0 |" * 4 in table
+
+
+def test_a_single_seed_shows_its_value_alone_and_configurations_keep_the_headline_order():
+    runs = [fake_evaluation("reference_eps0.1", 70.25), fake_evaluation("mlvae_eps0.1", 50.0),
+            fake_evaluation("mlvae_eps0.1_fashion-mnist", 80.0)]
+    table = aggregate.headline_tables(runs)
+    assert rows_of(table, "reference_eps0.1")[0] == "| `reference_eps0.1` | 1 | no |" + " 70.2 |" * 4
+    assert table.index("`mlvae_eps0.1`") < table.index("`reference_eps0.1`")
+    assert "fashion-mnist" not in table  # not a headline configuration
+    assert "mlvae_eps0.1_fashion-mnist" in aggregate.evaluations_table(runs)
+
+
+def test_configuration_strips_only_a_trailing_seed_suffix():
+    assert aggregate.configuration("mlvae_eps0.1_stylekl4_seed12") == "mlvae_eps0.1_stylekl4"
+    assert aggregate.configuration("mlvae_eps0.1") == "mlvae_eps0.1"
+    assert aggregate.configuration("seed1_run") == "seed1_run"
+
+
+def test_evaluations_with_different_classifier_steps_are_refused(tmp_path):
+    for name, steps in (("a", 5000), ("b", 20000)):
+        (tmp_path / f"eval_{name}.json").write_text(json.dumps(fake_evaluation(name, 50.0, steps)))
+    with pytest.raises(ValueError, match="different classifier steps"):
+        aggregate.load_evaluations(tmp_path)
+
+
+@pytest.fixture
+def results_and_readme(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    for run, accuracy in (("mlvae_eps0.1", 50.0), ("mlvae_eps0.1_seed1", 52.0)):
+        (results / f"eval_{run}.json").write_text(json.dumps(fake_evaluation(run, accuracy)))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nintro\n\n{aggregate.START}\nold table\n{aggregate.END}\n\n## after\n")
+    flags = ["--results-dir", str(results), "--readme", str(readme), "--figure", str(tmp_path / "k.png")]
+    return results, readme, flags
+
+
+def test_main_rewrites_only_the_block_between_the_markers(results_and_readme):
+    results, readme, flags = results_and_readme
+    block = aggregate.main(flags)
+    text = readme.read_text()
+    assert text.startswith("# title\n\nintro\n\n") and text.endswith(f"{aggregate.END}\n\n## after\n")
+    assert "old table" not in text and aggregate.readme_block(text) == block
+    assert (results / "headline.md").read_text() == block
+    assert "51.0 ± 1.4" in block
+
+
+def test_check_passes_on_fresh_files_and_fails_when_a_result_changes(results_and_readme):
+    results, readme, flags = results_and_readme
+    aggregate.main(flags)
+    aggregate.main(flags + ["--check"])
+    (results / "eval_mlvae_eps0.1_seed1.json").write_text(json.dumps(fake_evaluation("mlvae_eps0.1_seed1", 60.0)))
+    with pytest.raises(SystemExit, match="out of date"):
+        aggregate.main(flags + ["--check"])
+
+
+def test_readme_without_markers_is_an_error(results_and_readme):
+    _, readme, flags = results_and_readme
+    readme.write_text("# title\n")
+    with pytest.raises(SystemExit, match="headline:start"):
+        aggregate.main(flags)
