@@ -168,15 +168,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# Flags of one session of a run: --resume never takes them from the saved run.
-SESSION_FLAGS = {"resume", "overwrite", "device", "threads", "compile", "no_progress", "checkpoint_dir",
+# Flags of one invocation of a run: --resume never takes them from the saved run.
+INVOCATION_FLAGS = {"resume", "overwrite", "device", "threads", "compile", "no_progress", "checkpoint_dir",
                  "run_name", "log_dir", "data_dir"}
 
 
 def take_saved_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str],
                         present: list[str]) -> None:
     """For --resume: refuse given RUN_SETTINGS that differ from the saved run's, and take every flag
-    not given (but the SESSION_FLAGS) from the saved run."""
+    not given (but the INVOCATION_FLAGS) from the saved run."""
     state = read_run_state(args.run_dir)
     if state is None:
         what = ("it is a run without training state (a shipped one keeps only its weights and log); choose "
@@ -189,7 +189,7 @@ def take_saved_settings(parser: argparse.ArgumentParser, args: argparse.Namespac
     if changed:
         parser.error("--resume: the saved run used other settings: " + ", ".join(changed)
                      + "; leave these flags out to keep the saved ones")
-    for key in vars(args).keys() - given - SESSION_FLAGS - {"run_dir"}:
+    for key in vars(args).keys() - given - INVOCATION_FLAGS - {"run_dir"}:
         setattr(args, key, saved[key])
 
 
