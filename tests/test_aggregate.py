@@ -16,7 +16,7 @@ def fake_evaluation(run: str, accuracy: float, iterations: int = 5000) -> dict:
     return copy.deepcopy({
         "run": run, "training_args": {"seed": 0}, "evaluation": {"classifier_iterations": iterations},
         "latent_classifier": {"sampled": protocol, "means": protocol},
-        "group_size": {"group_sizes": sizes, **{probe: [accuracy] * len(sizes) for probe in ("logistic", "knn", "mlp")}},
+        "group_size": {"group_sizes": sizes, **dict.fromkeys(("logistic", "knn", "mlp"), [accuracy] * len(sizes))},
         "swap_score": {"no_evidence": swap, "with_evidence": swap},
         "test_loss": {"posterior_means": accuracy / 1000, "sampled": accuracy / 1000},
     })

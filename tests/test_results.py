@@ -40,7 +40,8 @@ def test_every_shipped_run_is_evaluated_on_its_current_weights():
     assert runs
     for run in runs:
         path = RESULTS / f"eval_{run.name}.json"
-        assert path.is_file(), f"no {path.name}: run `python -m studies.evaluate --checkpoint-dir {run.relative_to(ROOT)} --json results/{path.name}`"
+        command = f"python -m studies.evaluate --checkpoint-dir {run.relative_to(ROOT)} --json results/{path.name}"
+        assert path.is_file(), f"no {path.name}: run `{command}`"
         model = json.loads(path.read_text())["model"]
         assert model.get("encoder_sha256") == sha256(run / "encoder.pt"), f"{path.name} measured other weights"
         assert model.get("decoder_sha256") == sha256(run / "decoder.pt"), f"{path.name} measured other weights"

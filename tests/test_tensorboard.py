@@ -2,6 +2,7 @@
 reconstructions, the swap grid of inference.py, the run's settings, and a resume's clean continuation."""
 import io
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -96,11 +97,15 @@ def test_image_every_zero_writes_no_images(tmp_path):
 
 
 def test_resume_replaces_what_was_logged_after_the_last_save(tmp_path):
+    # Event files are named by the second they were opened in and read in name order: the runs below
+    # start at least a second apart, as a resume after a crash does.
     run_dir = train(tmp_path, "--epochs", "1", "--image-every", "0")
     shutil.copytree(run_dir, tmp_path / "saved_after_epoch_1")
+    time.sleep(1.1)
     train(tmp_path, "--resume", "--epochs", "2")  # logs epoch 2, then "dies" before a later save
     shutil.rmtree(run_dir)
     shutil.copytree(tmp_path / "saved_after_epoch_1", run_dir)
+    time.sleep(1.1)
     train(tmp_path, "--resume", "--epochs", "2")  # trains epoch 2 again
     events = read_events(tmp_path)
     assert [e.step for e in events.Scalars("loss/reconstruction")] == [8, 16]
