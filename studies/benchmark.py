@@ -1,7 +1,7 @@
 """Time training.py's step, eager and compiled, in fp32 and bf16, against this machine's FLOP bound.
 
 The step timed is `training.train_step` itself, on MNIST batches indexed from a permutation as
-`training.py` does; `--compile` configurations go through `training.compile_step`, as
+`training.py` does; with `--compile` the compiled steps go through `training.compile_step`, as
 `training.py --compile` does. In the same run the script measures:
 - the FLOP bound: the step's matmuls alone, one after another in the step's order, at the network's
   shapes and memory layouts, in fp32 and bf16 (the fastest a step could be, its FLOPs counted);
@@ -9,12 +9,12 @@ The step timed is `training.train_step` itself, on MNIST batches indexed from a 
   graph breaks (`torch._dynamo.explain`);
 - where a step's time goes: a profile split into matmuls, other kernels, Adam and the rest;
 - the busy-neighbour ratio: the eager step beside a busy process (`python -c "while True: pass"`),
-  with the threads `training.py` picks and with torch's default, each against one thread.
+  with the threads `training.py` picks and with one per CPU, each against one thread.
 The bound and the steps are timed in short interleaved rounds and each keeps its fastest round, so
 that on a shared machine they are compared under the same conditions.
 
-    python -m studies.benchmark --json out/benchmark.json        # the full table, CPU (and CUDA when present)
-    python -m studies.benchmark --no-compile --precision fp32    # the eager fp32 step only, in a minute
+    python -m studies.benchmark --compile --json out/benchmark.json   # the full table, CPU (and CUDA when present)
+    python -m studies.benchmark --precision fp32                      # the eager fp32 step only (10 s here)
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bound-calls", type=POSITIVE_INT, default=2, help="repeats of the step's matmuls per round, for the bound")
     add("--precision", nargs="+", choices=tuple(DTYPES), default=list(DTYPES),
         help="precisions of the step to time (bf16 = autocast, as training.py --precision bf16)")
-    add("--no-compile", action="store_true", help="time the eager steps only (compiling takes a minute or two)")
+    add("--compile", action="store_true",
+        help="also time each precision through training.py --compile (each compiles in 10-20 s here)")
     add("--profile-steps", type=int, default=20, help="steps profiled for the time split (0: no split)")
     add("--busy-rounds", type=int, default=10,
         help="rounds of the busy-neighbour measurement (0: none); it runs on the CPU only")
@@ -267,7 +268,7 @@ def benchmark_device(device: torch.device, options: argparse.Namespace) -> tuple
     calls = max(options.steps // options.rounds, 1)
     runners, fields = {}, {}
     for precision in options.precision:
-        for compile_ in (False,) if options.no_compile else (False, True):
+        for compile_ in (False, True) if options.compile else (False,):
             name = ("compiled" if compile_ else "eager") + f" {precision}"
             runners[name] = StepRunner(images, labels, step_args(options.batch_size, precision, device, compile_))
             fields[name] = {"precision": precision, "compile": compile_}

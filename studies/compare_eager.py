@@ -79,6 +79,15 @@ def time_this_checkout(options: argparse.Namespace) -> list[float]:
     return rounds
 
 
+def describe_checkout(folder: Path) -> str:
+    """The checkout's commit, marked when its working tree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "not a git checkout"
+    return commit + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def main(argv: list[str] | None = None) -> dict:
     options = build_parser().parse_args(argv)
     if options.time_here:
@@ -97,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(folder)})
             fastest[name].append(1e3 * min(json.loads(out.stdout.splitlines()[-1])))
     ratios = [after / before for before, after in zip(fastest["before"], fastest["after"])]
-    results = {"before": str(options.before), "after": str(options.after), "threads": options.threads,
+    results = {"before": describe_checkout(options.before), "after": describe_checkout(options.after),
+               "threads": options.threads,
                "ms_per_step": fastest, "fastest_ms": {name: min(ms) for name, ms in fastest.items()},
                "after_over_before": min(fastest["after"]) / min(fastest["before"]),
                "after_over_before_per_run": ratios, "load_average_at_start": load,
@@ -105,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"eager fp32 step, batch 256, {options.threads} threads, {options.runs} alternating runs each "
           f"(load average {load[0]:.2f} at start):")
     for name in ("before", "after"):
-        print(f"  {name:6} {getattr(options, name)}: fastest {min(fastest[name]):.2f} ms/step, "
+        print(f"  {name:6} {results[name]}: fastest {min(fastest[name]):.2f} ms/step, "
               f"runs {' '.join(f'{ms:.2f}' for ms in fastest[name])}")
     print(f"  after / before: {results['after_over_before']:.3f} (per run: median "
           f"{statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f})")

@@ -1,7 +1,6 @@
 """benchmark.py: the bound runs the step's matmuls, the rounds interleave, the CLI reports every part."""
 import json
 
-import pytest
 import torch
 
 from studies import benchmark
@@ -50,7 +49,7 @@ SMALL = ["--steps", "2", "--warmup", "2", "--rounds", "2", "--bound-calls", "1",
 
 def test_benchmark_reports_steps_bound_split_and_busy_neighbour(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    results = benchmark.main([*SMALL, "--no-compile", "--busy-rounds", "1", "--json", str(path)])
+    results = benchmark.main([*SMALL, "--busy-rounds", "1", "--json", str(path)])
     assert json.loads(path.read_text()) == json.loads(json.dumps(results))
     assert [row["name"] for row in results["rows"]] == ["eager fp32", "eager bf16"]
     assert all(row["ms_per_step"] > 0 and 0 < row["share_of_bound"] for row in results["rows"])
@@ -67,7 +66,8 @@ def test_compiled_rows_count_graphs_and_breaks(monkeypatch):
     # aot_eager traces the very graph the default backend compiles, without a minute of C++ compilation.
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, **kwargs, backend="aot_eager"))
-    results = benchmark.main([*SMALL, "--precision", "fp32", "--busy-rounds", "0", "--profile-steps", "0"])
+    results = benchmark.main([*SMALL, "--compile", "--precision", "fp32", "--busy-rounds", "0",
+                              "--profile-steps", "0"])
     compiled = results["rows"][1]
     assert compiled["name"] == "compiled fp32" and (compiled["graphs"], compiled["graph_breaks"]) == (1, 0)
     assert compiled["compile_s"] > 0
