@@ -88,3 +88,9 @@ fi
 python -m studies.sweep --epochs 30 --jobs 2 --out results/sweep_validation.md
 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 python -m studies.benchmark --compile --json results/benchmark.json \
   | tee results/benchmark.md
+
+# 5. The eager step of the code before the hand-written autograd Functions were removed, against this one.
+before=$(mktemp -d)/before
+git worktree add --detach "$before" 2aeec6e >/dev/null
+python studies/compare_eager.py "$before" . --runs 6 --json results/eager_before_after.json
+git worktree remove --force "$before"
