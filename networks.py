@@ -38,16 +38,21 @@ def init_reference_(module: nn.Module) -> None:
             nn.init.zeros_(layer.bias)
 
 
+def add_gaussian_heads(encoder: nn.Module, features: int, style_dim: int, class_dim: int) -> None:
+    """The four posterior heads (Linear features -> dim), under the reference's state_dict names."""
+    encoder.style_mu = nn.Linear(features, style_dim)
+    encoder.style_logvar = nn.Linear(features, style_dim)
+    encoder.class_mu = nn.Linear(features, class_dim)
+    encoder.class_logvar = nn.Linear(features, class_dim)
+
+
 class Encoder(nn.Module):
     """q(style | x) and q(class | x): diagonal Gaussians given by their means and log-variances."""
 
     def __init__(self, style_dim: int, class_dim: int) -> None:
         super().__init__()
         self.linear_model = nn.ModuleDict({"linear_1": nn.Linear(PIXELS, HIDDEN)})
-        self.style_mu = nn.Linear(HIDDEN, style_dim)
-        self.style_logvar = nn.Linear(HIDDEN, style_dim)
-        self.class_mu = nn.Linear(HIDDEN, class_dim)
-        self.class_logvar = nn.Linear(HIDDEN, class_dim)
+        add_gaussian_heads(self, HIDDEN, style_dim, class_dim)
         init_reference_(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,10 +128,7 @@ class ConvEncoder(nn.Module):
         super().__init__()
         self.conv_model = nn.Sequential(*conv_block(1, 16), *conv_block(16, 32), *conv_block(32, 64),
                                         nn.Flatten())
-        self.style_mu = nn.Linear(CONV_FEATURES, style_dim)
-        self.style_logvar = nn.Linear(CONV_FEATURES, style_dim)
-        self.class_mu = nn.Linear(CONV_FEATURES, class_dim)
-        self.class_logvar = nn.Linear(CONV_FEATURES, class_dim)
+        add_gaussian_heads(self, CONV_FEATURES, style_dim, class_dim)
         init_cycle_vae_(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
