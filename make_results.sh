@@ -7,14 +7,19 @@
 # 3 minutes of one idle CPU core (20000 classifier steps).
 # Each step's command is also quoted in README.md or docs/ beside its output. Steps, in order:
 #   1. studies.evaluate on every run folder under checkpoints/ (all seeds) and on the reference's weights
-#      -> results/eval_<run>.json; then studies.aggregate -> results/headline.md, results/evaluations.md,
-#      images/group_size.png and the headline block of README.md;
+#      -> results/eval_<run>.json; then studies.aggregate -> results/headline.md, results/anchors.md,
+#      results/evaluations.md, images/group_size.png, the headline block of README.md and the anchors
+#      block of docs/reference.md;
 #   2. swap grids, t-SNE maps and loss curves -> images/;
 #   3. few-shot on held-out digits, the reference's 100,000-step classifier cross-check;
-#   4. the validation sweep (reuses finished runs under sweeps/, else trains 9 short runs) and the
-#      speed benchmark (2 threads; run it on an otherwise idle machine).
+#   4. the validation sweeps, MLP and conv (reuse finished runs under sweeps/, else train 11 short
+#      runs), and the speed benchmark (2 threads; run it on an otherwise idle machine);
+#   5. the eager step of the code before the hand-written autograd Functions were removed, against this one.
+# Each step prints its wall time.
 set -euo pipefail
 cd "$(dirname "$0")"
+started=$SECONDS
+step_done() { echo "make_results.sh: step $1 done, $(( (SECONDS - started) / 60 )) min since the start" >&2; }
 ref=${1:-${MLVAE_REFERENCE_DIR:-../shared/reference/checkpoints}}
 jobs_max=${JOBS:-2}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -54,9 +59,11 @@ if $have_ref; then
 fi
 wait_all
 python -m studies.aggregate
+step_done 1
 
 # 2. Figures: swap grids without and with evidence, t-SNE maps, loss curves.
-for run in mlvae_eps0.1 mlvae_eps1 mlvae_eps0.1_stylekl4 mlvae_eps0.1_fashion-mnist; do
+for run in mlvae_eps0.1 mlvae_eps1 mlvae_eps0.1_stylekl4 mlvae_eps0.1_fashion-mnist mlvae_conv16_eps0.1 \
+    mlvae_conv16_eps0.1_stylekl4; do
   python inference.py --checkpoint-dir checkpoints/$run
   python inference.py --checkpoint-dir checkpoints/$run --accumulate-evidence
 done
@@ -74,23 +81,29 @@ fi
 python -m studies.plot_losses --checkpoint-dir checkpoints/mlvae_eps0.1 checkpoints/mlvae_eps1 \
   checkpoints/reference_objective_eps0.1 --log-scale --out images/losses.png
 wait_all
+step_done 2
 
 # 3. Few-shot classes never seen in training; the reference's std-1 weights with a 100,000-step classifier.
-python -m studies.few_shot --checkpoint-dir checkpoints/mlvae_eps0.1_classes01234567 --json results/few_shot.json \
-  | tee results/few_shot.md
+background sh -c 'python -m studies.few_shot --checkpoint-dir checkpoints/mlvae_eps0.1_classes01234567 \
+  --json results/few_shot.json > results/few_shot.md'
 if $have_ref; then
-  python classifier.py --accumulate-evidence --iterations 100000 --no-progress --eps-std 1 \
-    --encoder "$ref/encoder_1_var_reparam" --decoder "$ref/decoder_1_var_reparam" \
-    --json results/classifier_reference_eps1_evidence_100k.json | tee results/classifier_reference_eps1_evidence_100k.md
+  background sh -c "python classifier.py --accumulate-evidence --iterations 100000 --no-progress --eps-std 1 \
+    --encoder '$ref/encoder_1_var_reparam' --decoder '$ref/decoder_1_var_reparam' \
+    --json results/classifier_reference_eps1_evidence_100k.json > results/classifier_reference_eps1_evidence_100k.md"
 fi
+wait_all
+step_done 3
 
-# 4. The validation sweep that chose the settings, and the speed benchmark (two threads).
+# 4. The validation sweeps that chose the settings, and the speed benchmark (two threads).
 python -m studies.sweep --epochs 30 --jobs 2 --out results/sweep_validation.md
+python -m studies.sweep --configs conv16 conv16_stylekl4 --epochs 30 --jobs 2 --out results/sweep_conv.md
 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 python -m studies.benchmark --compile --json results/benchmark.json \
   | tee results/benchmark.md
+step_done 4
 
 # 5. The eager step of the code before the hand-written autograd Functions were removed, against this one.
 before=$(mktemp -d)/before
 git worktree add --detach "$before" 2aeec6e >/dev/null
 python studies/compare_eager.py "$before" . --runs 6 --json results/eager_before_after.json
 git worktree remove --force "$before"
+step_done 5

@@ -2,11 +2,13 @@
 
 Runs named <run>, <run>_seed1, <run>_seed2, ... are seeds of one configuration <run>. Writes the
 headline tables to results/headline.md and between README.md's markers `<!-- headline:start -->` and
-`<!-- headline:end -->`, a table of every evaluated run (each seed a row) to results/evaluations.md, and
+`<!-- headline:end -->`; the comparison with the published anchors, protocol by protocol, to
+results/anchors.md and between docs/reference.md's markers `<!-- anchors:start -->` and
+`<!-- anchors:end -->`; a table of every evaluated run (each seed a row) to results/evaluations.md; and
 the figure of class accuracy against K fused images (seed means) to images/group_size.png.
 
     python -m studies.aggregate            # after `python -m studies.evaluate ... --json results/eval_<run>.json`
-    python -m studies.aggregate --check    # exit 1 when README.md or results/headline.md differ from the files
+    python -m studies.aggregate --check    # exit 1 when a table or block differs from what the files give
 
 The std is the sample standard deviation (n - 1) over seeds; a configuration with one seed shows its
 value alone.
@@ -23,9 +25,19 @@ from pathlib import Path
 from runs import script_parser, write_text_atomic
 
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
+ANCHORS_START, ANCHORS_END = "<!-- anchors:start -->", "<!-- anchors:end -->"
 # Headline configurations, in table order; other evaluated runs appear in results/evaluations.md only.
 HEADLINE = ("mlvae_eps0.1", "mlvae_eps1", "reference_objective_eps0.1", "mlvae_eps0.1_stylekl4",
-            "reference_eps0.1", "reference_eps1")
+            "mlvae_conv16_eps0.1", "mlvae_conv16_eps0.1_stylekl4", "reference_eps0.1", "reference_eps1")
+# Runs set beside the published anchors, and the networks each one uses.
+ANCHOR_RUNS = (("mlvae_eps0.1", "MLP"), ("mlvae_eps0.1_stylekl4", "MLP"), ("mlvae_conv16_eps0.1", "conv"),
+               ("mlvae_conv16_eps0.1_stylekl4", "conv"), ("reference_eps0.1", "MLP (reference weights)"))
+# (model, networks, dims, style, class): Jha et al. (ECCV 2018), MNIST test split; the table does not
+# say whether its classifiers saw sampled latents or posterior means.
+PUBLISHED = (("cycle-consistent VAE (Jha et al. 2018)", "conv", "16/16", 17.56, 98.35),
+             ("Mathieu et al. (2016), as reported by Jha et al.", "not stated", "16/16", 66.83, 98.52),
+             ("Szabo et al., as reported by Jha et al.", "not stated", "not stated", 96.08, 98.46))
+PROTOCOLS = (("sampled", "sampled latents (the reference's protocol)"), ("means", "posterior means"))
 FIGURE = ("mlvae_eps0.1", "mlvae_eps0.1_stylekl4", "reference_eps0.1")
 HEADLINE_K = (1, 2, 4, 8, 16)
 EVIDENCE = {"no_evidence": "no", "with_evidence": "yes"}
@@ -43,10 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--results-dir", type=Path, default=Path("results"), help="folder of the eval_*.json files")
     add("--readme", type=Path, default=Path("README.md"), help="README whose headline block is rewritten")
+    add("--anchors-doc", type=Path, default=Path("docs/reference.md"), help="document whose anchors block is rewritten")
     add("--out", type=Path, default=None, help="headline tables (default: <results-dir>/headline.md)")
     add("--figure", type=Path, default=Path("images/group_size.png"), help="class accuracy against K, seed means")
-    add("--check", action="store_true", help="write nothing; exit 1 when the README block or the headline "
-                                             "file differs from what the JSON files give")
+    add("--check", action="store_true", help="write nothing; exit 1 when a block or table file differs from "
+                                             "what the JSON files give")
     return parser
 
 
@@ -151,19 +164,43 @@ def evaluations_table(evaluations: list[dict]) -> str:
             + markdown(["run", "seed", *(title for title, _ in columns), *(title for title, _ in LOSS)], rows) + "\n")
 
 
-def replace_block(text: str, block: str) -> str:
-    """`text` with everything between the headline markers replaced by `block`; ValueError without them."""
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ValueError(f"the README needs one {START} line followed by one {END} line")
-    head, rest = text.split(START)
-    _, tail = rest.split(END)
-    return f"{head}{START}\n{block}{END}{tail}"
+def anchors_table(evaluations: list[dict]) -> str:
+    """Single-image digit accuracy of our runs on each protocol, beside the published anchors."""
+    groups = group_seeds(evaluations)
+    rows = []
+    for name, networks in ANCHOR_RUNS:
+        if name not in groups:
+            continue
+        runs = groups[name]
+        model = runs[0]["model"]
+        for latents, protocol in PROTOCOLS:
+            path = ("latent_classifier", latents, "no_evidence", "{code}_test")
+            rows.append([f"`{name}`", networks, f"{model['style_dim']}/{model['class_dim']}", str(len(runs)),
+                         protocol, *(mean_std([value(run, path, code=code) for run in runs], 2)
+                                     for code in ("style", "class"))])
+    for model, networks, dims, style, class_ in PUBLISHED:
+        rows.append([model, networks, dims, "", "single-image latents; sampled or means not stated",
+                     f"{style:.2f}", f"{class_:.2f}"])
+    return ("Digit accuracy (%) on the MNIST test split of a classifier trained on one image's code (no "
+            "evidence). Our rows: results/eval_<run>.json, the reference's classifier MLP, mean ± sample std "
+            "over n seeds. Published rows: the cycle-consistent VAE's table, as printed.\n\n"
+            + markdown(["model", "networks", "dims (style/class)", "n", "protocol", "style (lower is better)",
+                        "class (higher is better)"], rows) + "\n")
 
 
-def readme_block(text: str) -> str:
-    """What stands between the headline markers; ValueError without them."""
-    replace_block(text, "")
-    return text.split(START)[1].split(END)[0].lstrip("\n")
+def replace_block(text: str, block: str, start: str = START, end: str = END) -> str:
+    """`text` with everything between the markers replaced by `block`; ValueError without them."""
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"the file needs one {start} line followed by one {end} line")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{block}{end}{tail}"
+
+
+def readme_block(text: str, start: str = START, end: str = END) -> str:
+    """What stands between the markers; ValueError without them."""
+    replace_block(text, "", start, end)
+    return text.split(start)[1].split(end)[0].lstrip("\n")
 
 
 def plot_group_size(groups: dict[str, list[dict]], out: Path) -> None:
@@ -191,21 +228,25 @@ def main(argv: list[str] | None = None) -> str:
         evaluations = load_evaluations(args.results_dir)
         block = headline_tables(evaluations)
         readme = replace_block(args.readme.read_text(), block)
+        anchors = anchors_table(evaluations)
+        anchors_doc = replace_block(args.anchors_doc.read_text(), anchors, ANCHORS_START, ANCHORS_END)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
+    anchors_file = args.results_dir / "anchors.md"
+    written = ((args.readme, readme), (out, block), (args.anchors_doc, anchors_doc), (anchors_file, anchors))
     if args.check:
-        stale = [str(path) for path, text in ((args.readme, readme), (out, block))
-                 if not path.is_file() or path.read_text() != text]
+        stale = [str(path) for path, text in written if not path.is_file() or path.read_text() != text]
         if stale:
             sys.exit(f"out of date: {', '.join(stale)}; run `python -m studies.aggregate`")
-        print(f"{args.readme} and {out} agree with {args.results_dir}/eval_*.json")
+        print(f"{', '.join(str(path) for path, _ in written)} agree with {args.results_dir}/eval_*.json")
         return block
-    write_text_atomic(out, block)
+    for path, text in written:
+        write_text_atomic(path, text)
     write_text_atomic(args.results_dir / "evaluations.md", evaluations_table(evaluations))
-    write_text_atomic(args.readme, readme)
     plot_group_size(group_seeds(evaluations), args.figure)
     print(block)
-    print(f"Wrote {out}, {args.results_dir / 'evaluations.md'}, {args.figure} and the block in {args.readme}")
+    print(f"Wrote {out}, {anchors_file}, {args.results_dir / 'evaluations.md'}, {args.figure}, the headline block "
+          f"in {args.readme} and the anchors block in {args.anchors_doc}")
     return block
 
 

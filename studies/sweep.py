@@ -2,7 +2,8 @@
 
 Each configuration is trained on MNIST train images [0, 50000) (`training.py --num-train 50000`) and
 measured on train images [50000, 60000) with the committed evaluation scripts: `classifier.py
---split validation --both` (the reference's latent-classifier protocol) and `studies.group_size
+--split validation --both` (the reference's latent-classifier protocol, sampled latents), the same on
+posterior means (`--latents means`) and `studies.group_size
 --split validation --group-sizes 1` (single-image class posterior means under logistic, kNN and MLP probes).
 Runs go to sweeps/<name>/ (not committed); a finished run or evaluation is not redone.
 
@@ -39,8 +40,8 @@ CONFIGS = {
     "conv16": ["--arch", "conv", "--style-dim", "16", "--class-dim", "16"],
     "conv16_stylekl4": ["--arch", "conv", "--style-dim", "16", "--class-dim", "16", "--style-kl-coef", "4"],
 }
-COLUMNS = ("config", "flags", "reconstruction", "style KL (nats/image)", "style val", "class val",
-           "class val (evidence)", "K=1 logistic", "K=1 kNN", "K=1 MLP")
+COLUMNS = ("config", "flags", "reconstruction", "style KL (nats/image)", "style val", "style val (means)",
+           "class val", "class val (means)", "class val (evidence)", "K=1 logistic", "K=1 kNN", "K=1 MLP")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,9 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     if not (run_dir / "classifier.json").is_file():
         commands.append(["classifier.py", *evaluation, "--both", "--iterations", str(args.iterations),
                          "--no-progress", "--json", str(run_dir / "classifier.json")])
+    if not (run_dir / "classifier_means.json").is_file():
+        commands.append(["classifier.py", *evaluation, "--latents", "means", "--iterations", str(args.iterations),
+                         "--no-progress", "--json", str(run_dir / "classifier_means.json")])
     if not (run_dir / "group_size.json").is_file():
         commands.append(["-m", "studies.group_size", *evaluation, "--group-sizes", "1",
                          "--json", str(run_dir / "group_size.json")])
@@ -85,6 +89,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
                 raise UserError(f"[{name}] `python {' '.join(command)}` failed (exit status {done.returncode}); "
                                 f"its output is at the end of {run_dir / 'sweep.log'}")
     without, with_evidence = json.loads((run_dir / "classifier.json").read_text())
+    means = json.loads((run_dir / "classifier_means.json").read_text())
     probes = json.loads((run_dir / "group_size.json").read_text())
     with open(run_dir / "log.csv") as file:
         last_epoch = list(csv.DictReader(file))[-1]
@@ -92,7 +97,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     return {"config": name, "flags": " ".join(CONFIGS[name]) or "(defaults)",
             "reconstruction": float(last_epoch["reconstruction"]),
             "style KL (nats/image)": PIXELS * float(last_epoch["style_kl"]),
-            "style val": without["style_test"], "class val": without["class_test"],
+            "style val": without["style_test"], "style val (means)": means["style_test"],
+            "class val": without["class_test"], "class val (means)": means["class_test"],
             "class val (evidence)": with_evidence["class_test"], "K=1 logistic": probes["logistic"][0],
             "K=1 kNN": probes["knn"][0], "K=1 MLP": probes["mlp"][0]}
 

@@ -15,6 +15,7 @@ def fake_evaluation(run: str, accuracy: float, iterations: int = 5000) -> dict:
     sizes = [1, 2, 4, 8, 16, 32]
     return copy.deepcopy({
         "run": run, "training_args": {"seed": 0}, "evaluation": {"classifier_iterations": iterations},
+        "model": {"style_dim": 16, "class_dim": 16},
         "latent_classifier": {"sampled": protocol, "means": protocol},
         "group_size": {"group_sizes": sizes, **dict.fromkeys(("logistic", "knn", "mlp"), [accuracy] * len(sizes))},
         "swap_score": {"no_evidence": swap, "with_evidence": swap},
@@ -71,7 +72,10 @@ def results_and_readme(tmp_path):
         (results / f"eval_{run}.json").write_text(json.dumps(fake_evaluation(run, accuracy)))
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nintro\n\n{aggregate.START}\nold table\n{aggregate.END}\n\n## after\n")
-    flags = ["--results-dir", str(results), "--readme", str(readme), "--figure", str(tmp_path / "k.png")]
+    doc = tmp_path / "reference.md"
+    doc.write_text(f"# anchors\n\n{aggregate.ANCHORS_START}\nold anchors\n{aggregate.ANCHORS_END}\n")
+    flags = ["--results-dir", str(results), "--readme", str(readme), "--anchors-doc", str(doc),
+             "--figure", str(tmp_path / "k.png")]
     return results, readme, flags
 
 
@@ -83,6 +87,22 @@ def test_main_rewrites_only_the_block_between_the_markers(results_and_readme):
     assert "old table" not in text and aggregate.readme_block(text) == block
     assert (results / "headline.md").read_text() == block
     assert "51.0 ± 1.4" in block
+    anchors = (results / "anchors.md").read_text()
+    doc = (readme.parent / "reference.md").read_text()
+    assert "old anchors" not in doc and aggregate.readme_block(doc, aggregate.ANCHORS_START, aggregate.ANCHORS_END) == anchors
+
+
+def test_anchors_table_puts_each_protocol_of_our_runs_beside_the_published_rows():
+    runs = [fake_evaluation("mlvae_conv16_eps0.1", 40.0), fake_evaluation("mlvae_eps0.1", 50.0),
+            fake_evaluation("mlvae_eps0.1_seed1", 52.0), fake_evaluation("mlvae_eps0.1_fashion-mnist", 9.0)]
+    runs[0]["latent_classifier"]["means"]["no_evidence"]["style_test"] = 12.5
+    table = aggregate.anchors_table(runs)
+    assert rows_of(table, "mlvae_eps0.1") == [
+        "| `mlvae_eps0.1` | MLP | 16/16 | 2 | sampled latents (the reference's protocol) |" + " 51.00 ± 1.41 |" * 2,
+        "| `mlvae_eps0.1` | MLP | 16/16 | 2 | posterior means |" + " 51.00 ± 1.41 |" * 2]
+    assert rows_of(table, "mlvae_conv16_eps0.1")[1] == "| `mlvae_conv16_eps0.1` | conv | 16/16 | 1 | posterior means | 12.50 | 40.00 |"
+    assert table.index("`mlvae_eps0.1`") < table.index("`mlvae_conv16_eps0.1`") < table.index("cycle-consistent VAE (Jha")
+    assert "| 17.56 | 98.35 |" in table and "fashion" not in table
 
 
 def test_check_passes_on_fresh_files_and_fails_when_a_result_changes(results_and_readme):

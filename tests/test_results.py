@@ -14,7 +14,7 @@ from studies import aggregate
 
 RESULTS = ROOT / "results"
 # Written by make_results.sh's commands under their default names, not named in the script itself.
-WRITTEN_BY_DEFAULT = {"headline.md", "evaluations.md", "sweep_validation.json"}
+WRITTEN_BY_DEFAULT = {"headline.md", "anchors.md", "evaluations.md", "sweep_validation.json", "sweep_conv.json"}
 
 
 def sha256(path) -> str:

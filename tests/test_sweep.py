@@ -13,8 +13,11 @@ def test_sweep_trains_evaluates_and_tabulates_without_redoing_work(tmp_path, cap
     assert [row["config"] for row in rows] == ["paper", "stylekl4"]
     for row in rows:  # each row is read from its run's own evaluation files
         without, with_evidence = json.loads((tmp_path / "sw" / row["config"] / "classifier.json").read_text())
+        means = json.loads((tmp_path / "sw" / row["config"] / "classifier_means.json").read_text())
         probes = json.loads((tmp_path / "sw" / row["config"] / "group_size.json").read_text())
         assert (row["style val"], row["class val (evidence)"]) == (without["style_test"], with_evidence["class_test"])
+        assert means["latents"] == "means" and not means["evidence"]
+        assert (row["style val (means)"], row["class val (means)"]) == (means["style_test"], means["class_test"])
         assert row["K=1 logistic"] == probes["logistic"][0]
         assert row["style KL (nats/image)"] > 0
     table = (tmp_path / "table.md").read_text()
