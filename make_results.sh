@@ -4,7 +4,7 @@
 #   REFERENCE_CHECKPOINTS: the reference's published weights (default: $MLVAE_REFERENCE_DIR, else
 #   ../shared/reference/checkpoints); the steps that need them are skipped when they are absent.
 # JOBS=2 (default) runs that many evaluations at once, one thread each. One evaluation takes about
-# 3 minutes of one idle CPU core (20000 classifier steps).
+# 3 minutes of one idle CPU core (20000 classifier steps); the whole script took 51 minutes on 2 cores.
 # Each step's command is also quoted in README.md or docs/ beside its output. Steps, in order:
 #   1. studies.evaluate on every run folder under checkpoints/ (all seeds) and on the reference's weights
 #      -> results/eval_<run>.json; then studies.aggregate -> results/headline.md, results/anchors.md,
