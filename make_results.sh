@@ -84,12 +84,18 @@ wait_all
 step_done 2
 
 # 3. Few-shot classes never seen in training; the reference's std-1 weights with a 100,000-step classifier.
-background sh -c 'python -m studies.few_shot --checkpoint-dir checkpoints/mlvae_eps0.1_classes01234567 \
-  --json results/few_shot.json > results/few_shot.md'
+few_shot() {
+  python -m studies.few_shot --checkpoint-dir checkpoints/mlvae_eps0.1_classes01234567 \
+    --json results/few_shot.json > results/few_shot.md
+}
+reference_cross_check() {
+  python classifier.py --accumulate-evidence --iterations 100000 --no-progress --eps-std 1 \
+    --encoder "$ref/encoder_1_var_reparam" --decoder "$ref/decoder_1_var_reparam" \
+    --json results/classifier_reference_eps1_evidence_100k.json > results/classifier_reference_eps1_evidence_100k.md
+}
+background few_shot
 if $have_ref; then
-  background sh -c "python classifier.py --accumulate-evidence --iterations 100000 --no-progress --eps-std 1 \
-    --encoder '$ref/encoder_1_var_reparam' --decoder '$ref/decoder_1_var_reparam' \
-    --json results/classifier_reference_eps1_evidence_100k.json > results/classifier_reference_eps1_evidence_100k.md"
+  background reference_cross_check
 fi
 wait_all
 step_done 3

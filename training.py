@@ -170,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # Flags of one invocation of a run: --resume never takes them from the saved run.
 INVOCATION_FLAGS = {"resume", "overwrite", "device", "threads", "compile", "no_progress", "checkpoint_dir",
-                 "run_name", "log_dir", "data_dir"}
+                    "run_name", "log_dir", "data_dir"}
 
 
 def take_saved_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str],

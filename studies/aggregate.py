@@ -198,7 +198,7 @@ def replace_block(text: str, block: str, start: str = START, end: str = END) -> 
     return f"{head}{start}\n{block}{end}{tail}"
 
 
-def readme_block(text: str, start: str = START, end: str = END) -> str:
+def block_between(text: str, start: str = START, end: str = END) -> str:
     """What stands between the markers; ValueError without them."""
     replace_block(text, "", start, end)
     return text.split(start)[1].split(end)[0].lstrip("\n")

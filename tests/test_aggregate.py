@@ -84,12 +84,12 @@ def test_main_rewrites_only_the_block_between_the_markers(results_and_readme):
     block = aggregate.main(flags)
     text = readme.read_text()
     assert text.startswith("# title\n\nintro\n\n") and text.endswith(f"{aggregate.END}\n\n## after\n")
-    assert "old table" not in text and aggregate.readme_block(text) == block
+    assert "old table" not in text and aggregate.block_between(text) == block
     assert (results / "headline.md").read_text() == block
     assert "51.0 ± 1.4" in block
     anchors = (results / "anchors.md").read_text()
     doc = (readme.parent / "reference.md").read_text()
-    assert "old anchors" not in doc and aggregate.readme_block(doc, aggregate.ANCHORS_START, aggregate.ANCHORS_END) == anchors
+    assert "old anchors" not in doc and aggregate.block_between(doc, aggregate.ANCHORS_START, aggregate.ANCHORS_END) == anchors
 
 
 def test_anchors_table_puts_each_protocol_of_our_runs_beside_the_published_rows():

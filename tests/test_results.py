@@ -27,12 +27,20 @@ def headline() -> str:
 
 
 def test_readme_headline_block_is_generated_from_the_result_files(headline):
-    block = aggregate.readme_block((ROOT / "README.md").read_text())
+    block = aggregate.block_between((ROOT / "README.md").read_text())
     assert block == headline, "README.md's headline block is stale: run `python -m studies.aggregate`"
 
 
 def test_headline_file_is_generated_from_the_result_files(headline):
     assert (RESULTS / "headline.md").read_text() == headline, "run `python -m studies.aggregate`"
+
+
+def test_anchors_table_and_its_docs_block_are_generated_from_the_result_files():
+    anchors = aggregate.anchors_table(aggregate.load_evaluations(RESULTS))
+    doc = (ROOT / "docs" / "reference.md").read_text()
+    assert aggregate.block_between(doc, aggregate.ANCHORS_START, aggregate.ANCHORS_END) == anchors, \
+        "docs/reference.md's anchors block is stale: run `python -m studies.aggregate`"
+    assert (RESULTS / "anchors.md").read_text() == anchors, "run `python -m studies.aggregate`"
 
 
 def test_every_shipped_run_is_evaluated_on_its_current_weights():
