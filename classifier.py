@@ -1,4 +1,4 @@
-"""How much digit information each latent space holds: the reference's latent-classifier protocol.
+"""How much group (digit) information each latent space holds: the reference's latent-classifier protocol.
 
 One MLP classifier is trained on style latents and one on class latents, sampled from the encoder's
 posteriors (or, with --latents means, their means) for MNIST train batches of 128 (Adam, lr 1e-4);
@@ -11,6 +11,10 @@ label, one noise vector per group, scaled by the model's eps std), as in the ref
     python classifier.py --both --eps-std 0.1 \\
         --encoder $MLVAE_REFERENCE_DIR/encoder_0.1_var_reparam \\
         --decoder $MLVAE_REFERENCE_DIR/decoder_0.1_var_reparam
+
+On folder data the label is the image's group. Where the test groups are not training groups (unseen
+identities), both classifiers are fitted on the first half of each test group's images and scored on
+the second half; the output says so.
 
 The encoder runs once over each split; the training loop only samples from the stored posteriors.
 """
@@ -67,8 +71,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         check_writable(args.json, "--json")
     device, encoder, _, settings = device_and_models(parser, args)
-    (train_images, train_labels), (test_images, test_labels) = data_loader.evaluation_splits(
-        args.data_dir, settings.dataset, args.split, device)
+    (train_images, train_labels), (test_images, test_labels), note = data_loader.evaluation_splits(
+        settings.data, args.split, device, progress=not args.no_progress)
+    if note:
+        print(note)
     smallest = min(len(train_labels), len(test_labels))
     if args.batch_size > smallest:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {smallest} images of a split (accuracy "

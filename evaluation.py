@@ -182,12 +182,22 @@ def classifier_protocol(train: tuple[Posteriors, torch.Tensor], test: tuple[Post
              "class_test": class_test}, models)
 
 
-def load_pixel_classifier(path: str | Path, device: torch.device) -> PixelClassifier:
-    """The pixel-space CNN of pixel_classifier.py; FileNotFoundError names the command that trains one."""
+def default_judge_path(spec: data_loader.DataSpec) -> str:
+    """Where the pixel classifier of a data set lives unless --out / --pixel-classifier say otherwise."""
+    if spec.dataset == data_loader.FOLDER:
+        return f"out/pixel_classifier_folder_{Path(spec.data_dir).expanduser().resolve().name}.pt"
+    return f"checkpoints/pixel_classifier_{spec.dataset}.pt"
+
+
+def load_pixel_classifier(path: str | Path, device: torch.device, shape: tuple[int, int, int] = (1, 28, 28)
+                          ) -> PixelClassifier:
+    """The pixel-space CNN of pixel_classifier.py for images of `shape`, its label count read off the
+    weights; FileNotFoundError names the command that trains one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no pixel classifier at {path}; train one with "
                                 "`python -m studies.pixel_classifier`")
-    model = PixelClassifier().to(device)
-    model.load_state_dict(torch.load(path, weights_only=True, map_location=device))
+    state = torch.load(path, weights_only=True, map_location=device)
+    model = PixelClassifier(len(state["head.5.bias"]), shape).to(device)
+    model.load_state_dict(state)
     return model.eval()

@@ -1,10 +1,11 @@
-"""The ML-VAE networks for 28x28 images: encoder with style and class heads, decoder, latent classifier.
+"""The ML-VAE networks: encoder with style and class heads, decoder, latent classifier, pixel judge.
 
-Architecture and state_dict keys are the reference implementation's, so its published weights load
+Every network takes the image shape (channels, height, width), MNIST's (1, 28, 28) by default. The MLP's
+architecture and state_dict keys are the reference implementation's, so its published weights load
 strict: `Encoder(10, 10).load_state_dict(torch.load(path, weights_only=True))`.
 
-    encoder: x(784) -> Linear 500 -> tanh -> {style_mu, style_logvar, class_mu, class_logvar} (Linear 500 -> dim)
-    decoder: cat(style, class) -> Linear 500 -> tanh -> Linear 784 -> sigmoid
+    encoder: x(C*H*W) -> Linear 500 -> tanh -> {style_mu, style_logvar, class_mu, class_logvar} (Linear 500 -> dim)
+    decoder: cat(style, class) -> Linear 500 -> tanh -> Linear C*H*W -> sigmoid
 
 `--arch conv` swaps in the cycle-consistent VAE's MNIST networks (Jha et al., ECCV 2018; code
 ananyahjha93/cycle-consistent-vae, networks.py) with ML-VAE's four Gaussian heads kept:
@@ -14,18 +15,31 @@ ananyahjha93/cycle-consistent-vae, networks.py) with ML-VAE's four Gaussian head
     decoder: style -> Linear 256, class -> Linear 256 (each LeakyReLU 0.2) -> cat -> 128x2x2
              -> [ConvT 4x4 s2 -> InstanceNorm -> LeakyReLU 0.2] x2 (32, 16 ch: 6, 14 px)
              -> ConvT 4x4 s2 p1 (1 ch: 28 px) -> sigmoid
+
+On C channels the first convolution reads C and the last writes C. At H = W = 4 * 2^k pixels (8, 16,
+32, 64, ...) `--arch conv` is instead a DCGAN-style stack (Radford et al., ICLR 2016) down to 4x4,
+with the same norms and activations and DCGAN's N(0, 0.02) initialisation:
+
+    encoder: [Conv 4x4 s2 p1 -> InstanceNorm -> ReLU] x (k+1) (32, 64, 128, 256, 256, ... ch) -> T x 4 x 4
+             -> {four heads} (Linear 16T -> dim)
+    decoder: style -> Linear 8T, class -> Linear 8T (each LeakyReLU 0.2) -> cat -> T x 4 x 4
+             -> [ConvT 4x4 s2 p1 -> InstanceNorm -> LeakyReLU 0.2] x k -> ConvT 4x4 s2 p1 (C ch) -> sigmoid
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-PIXELS = 28 * 28
+ImageShape = tuple[int, int, int]  # (channels, height, width)
+MNIST_SHAPE: ImageShape = (1, 28, 28)
+PIXELS = 28 * 28  # MNIST's pixels: the reference divides its loss by batch * PIXELS
 HIDDEN = 500
 LIKELIHOODS = ("mse", "bernoulli", "gaussian")
 ARCHS = ("mlp", "conv")
-CONV_FEATURES = 64 * 2 * 2  # the conv encoder's features, and each code's width in the conv decoder
+DCGAN_WIDTH, DCGAN_MAX_WIDTH, DCGAN_TOP = 32, 256, 4  # first layer's channels, the cap, the smallest map
 # The learned per-pixel log-variance of the gaussian likelihood is squashed into [-BOUND, BOUND].
 PIXEL_LOGVAR_BOUND = 5.0
 
@@ -49,15 +63,16 @@ def add_gaussian_heads(encoder: nn.Module, features: int, style_dim: int, class_
 class Encoder(nn.Module):
     """q(style | x) and q(class | x): diagonal Gaussians given by their means and log-variances."""
 
-    def __init__(self, style_dim: int, class_dim: int) -> None:
+    def __init__(self, style_dim: int, class_dim: int, shape: ImageShape = MNIST_SHAPE) -> None:
         super().__init__()
-        self.linear_model = nn.ModuleDict({"linear_1": nn.Linear(PIXELS, HIDDEN)})
+        self.shape = shape
+        self.linear_model = nn.ModuleDict({"linear_1": nn.Linear(math.prod(shape), HIDDEN)})
         add_gaussian_heads(self, HIDDEN, style_dim, class_dim)
         init_reference_(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (style_mu, style_logvar, class_mu, class_logvar), each [B, dim]."""
-        hidden = torch.tanh(self.linear_model["linear_1"](x.reshape(x.shape[0], PIXELS)))
+        hidden = torch.tanh(self.linear_model["linear_1"](x.reshape(x.shape[0], -1)))
         heads = (self.style_mu, self.style_logvar, self.class_mu, self.class_logvar)
         # One matmul for the four heads is faster than four small ones; the state_dict keeps
         # the reference's four Linear layers.
@@ -68,26 +83,27 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """p(x | style, class): per-pixel means in [0, 1], plus a bounded log-variance for `gaussian`."""
+    """p(x | style, class): per-pixel, per-channel means in [0, 1], plus a bounded log-variance for `gaussian`."""
 
-    def __init__(self, style_dim: int, class_dim: int, likelihood: str = "mse") -> None:
+    def __init__(self, style_dim: int, class_dim: int, likelihood: str = "mse", shape: ImageShape = MNIST_SHAPE
+                 ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}")
-        self.likelihood = likelihood
+        self.likelihood, self.shape = likelihood, shape
         self.linear_model = nn.ModuleDict({
             "linear_1": nn.Linear(style_dim + class_dim, HIDDEN),
-            "linear_2": nn.Linear(HIDDEN, PIXELS),
+            "linear_2": nn.Linear(HIDDEN, math.prod(shape)),
         })
         # An extra head, so the reference's keys stay untouched for the other likelihoods.
-        self.pixel_logvar = nn.Linear(HIDDEN, PIXELS) if likelihood == "gaussian" else None
+        self.pixel_logvar = nn.Linear(HIDDEN, math.prod(shape)) if likelihood == "gaussian" else None
         init_reference_(self)
 
     def hidden(self, style: torch.Tensor, class_: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.linear_model["linear_1"](torch.cat([style, class_], dim=1)))
 
     def logits(self, style: torch.Tensor, class_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pre-sigmoid pixel means [B, 784] and, for `gaussian`, the pixel log-variances [B, 784]."""
+        """Pre-sigmoid pixel means [B, C*H*W] and, for `gaussian`, the pixel log-variances [B, C*H*W]."""
         hidden = self.hidden(style, class_)
         logvar = None
         if self.pixel_logvar is not None:
@@ -95,84 +111,121 @@ class Decoder(nn.Module):
         return self.linear_model["linear_2"](hidden), logvar
 
     def forward(self, style: torch.Tensor, class_: torch.Tensor) -> torch.Tensor:
-        """Return images [B, 1, 28, 28] in [0, 1]."""
+        """Return images [B, C, H, W] in [0, 1]."""
         logits, _ = self.logits(style, class_)
-        return torch.sigmoid(logits).view(-1, 1, 28, 28)
+        return torch.sigmoid(logits).view(-1, *self.shape)
 
 
-def init_cycle_vae_(module: nn.Module) -> None:
-    """The cycle-consistent VAE's initialisation: Conv2d and Linear weights N(0, 0.05), biases 0;
-    the transposed convolutions keep PyTorch's default, as there."""
+def init_cycle_vae_(module: nn.Module, std: float = 0.05) -> None:
+    """The cycle-consistent VAE's initialisation: Conv2d and Linear weights N(0, std), biases 0; the
+    transposed convolutions keep PyTorch's default, as there. DCGAN's stacks use std 0.02."""
     for layer in module.modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            nn.init.normal_(layer.weight, 0.0, 0.05)
+            nn.init.normal_(layer.weight, 0.0, std)
             nn.init.zeros_(layer.bias)
 
 
-def conv_block(in_channels: int, out_channels: int) -> list[nn.Module]:
+def conv_block(in_channels: int, out_channels: int, kernel: int = 5, padding: int = 1) -> list[nn.Module]:
     # InstanceNorm normalises each image on its own, in training and in evaluation alike (the
     # cycle-consistent VAE tracks running statistics, which makes eval() compute another function).
-    return [nn.Conv2d(in_channels, out_channels, 5, stride=2, padding=1), nn.InstanceNorm2d(out_channels),
-            nn.ReLU(inplace=True)]
+    return [nn.Conv2d(in_channels, out_channels, kernel, stride=2, padding=padding),
+            nn.InstanceNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
-def deconv_block(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2), nn.InstanceNorm2d(out_channels),
-            nn.LeakyReLU(0.2, inplace=True)]
+def deconv_block(in_channels: int, out_channels: int, padding: int = 0) -> list[nn.Module]:
+    return [nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=padding),
+            nn.InstanceNorm2d(out_channels), nn.LeakyReLU(0.2, inplace=True)]
+
+
+def dcgan_widths(size: int) -> list[int]:
+    """Channels after each stride-2 convolution from `size` pixels down to DCGAN_TOP: 32, 64, ... capped.
+    ValueError unless size = DCGAN_TOP * 2^k with k >= 1."""
+    steps = math.log2(size / DCGAN_TOP) if size > DCGAN_TOP else 0
+    if steps < 1 or steps != int(steps):
+        raise ValueError(f"--arch conv takes 28-pixel images or 4 * 2^k pixels (8, 16, 32, 64, 128, ...), not {size}; "
+                         "pass --image-size with one of these, or --arch mlp")
+    return [min(DCGAN_WIDTH * 2 ** i, DCGAN_MAX_WIDTH) for i in range(int(steps))]
+
+
+def check_conv_shape(shape: ImageShape) -> None:
+    """ValueError unless `--arch conv` has a stack for images of `shape`."""
+    _, height, width = shape
+    if height != width:
+        raise ValueError(f"--arch conv takes square images, not {height}x{width}; pass --image-size")
+    if height != 28:
+        dcgan_widths(height)
 
 
 class ConvEncoder(nn.Module):
-    """Encoder's interface on the cycle-consistent VAE's convolutions: 28 -> 13 -> 6 -> 2 pixels."""
+    """Encoder's interface on convolutions: the cycle-consistent VAE's (28 -> 13 -> 6 -> 2 pixels) for
+    28-pixel images, else a DCGAN-style stack down to 4x4."""
 
-    def __init__(self, style_dim: int, class_dim: int) -> None:
+    def __init__(self, style_dim: int, class_dim: int, shape: ImageShape = MNIST_SHAPE) -> None:
         super().__init__()
-        self.conv_model = nn.Sequential(*conv_block(1, 16), *conv_block(16, 32), *conv_block(32, 64),
-                                        nn.Flatten())
-        add_gaussian_heads(self, CONV_FEATURES, style_dim, class_dim)
-        init_cycle_vae_(self)
+        check_conv_shape(shape)
+        self.shape = channels, size, _ = shape
+        widths = [16, 32, 64] if size == 28 else dcgan_widths(size)
+        kernel, top = (5, 2) if size == 28 else (4, DCGAN_TOP)
+        self.conv_model = nn.Sequential(
+            *(layer for c_in, c_out in zip([channels, *widths], widths) for layer in conv_block(c_in, c_out, kernel)),
+            nn.Flatten())
+        add_gaussian_heads(self, widths[-1] * top * top, style_dim, class_dim)
+        init_cycle_vae_(self, 0.05 if size == 28 else 0.02)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (style_mu, style_logvar, class_mu, class_logvar), each [B, dim]."""
-        features = self.conv_model(x.reshape(x.shape[0], 1, 28, 28))
+        features = self.conv_model(x.reshape(x.shape[0], *self.shape))
         return (self.style_mu(features), self.style_logvar(features), self.class_mu(features),
                 self.class_logvar(features))
 
 
 class ConvDecoder(nn.Module):
-    """Decoder's interface on the cycle-consistent VAE's transposed convolutions: 2 -> 6 -> 14 -> 28 pixels."""
+    """Decoder's interface on transposed convolutions: the cycle-consistent VAE's (2 -> 6 -> 14 -> 28
+    pixels) for 28-pixel images, else the mirror of ConvEncoder's DCGAN-style stack from 4x4."""
 
-    def __init__(self, style_dim: int, class_dim: int, likelihood: str = "mse") -> None:
+    def __init__(self, style_dim: int, class_dim: int, likelihood: str = "mse", shape: ImageShape = MNIST_SHAPE
+                 ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}")
         if likelihood == "gaussian":
             raise ValueError("the conv decoder has no pixel log-variance head; use --likelihood mse or bernoulli")
-        self.likelihood = likelihood
-        self.style_input = nn.Linear(style_dim, CONV_FEATURES)
-        self.class_input = nn.Linear(class_dim, CONV_FEATURES)
-        self.deconv_model = nn.Sequential(*deconv_block(128, 32), *deconv_block(32, 16),
-                                          nn.ConvTranspose2d(16, 1, 4, stride=2, padding=1))
-        init_cycle_vae_(self)
+        check_conv_shape(shape)
+        self.likelihood, self.shape = likelihood, shape
+        channels, size, _ = shape
+        widths = [128, 32, 16] if size == 28 else dcgan_widths(size)[::-1]
+        top = 2 if size == 28 else DCGAN_TOP
+        self.code_map = (widths[0], top, top)
+        # Each code fills half the first feature map. Built before the transposed convolutions, whose
+        # default initialisation draws from the same random stream.
+        self.style_input = nn.Linear(style_dim, widths[0] * top * top // 2)
+        self.class_input = nn.Linear(class_dim, widths[0] * top * top // 2)
+        padding = 0 if size == 28 else 1
+        self.deconv_model = nn.Sequential(
+            *(layer for c_in, c_out in zip(widths, widths[1:]) for layer in deconv_block(c_in, c_out, padding)),
+            nn.ConvTranspose2d(widths[-1], channels, 4, stride=2, padding=1))
+        init_cycle_vae_(self, 0.05 if size == 28 else 0.02)
 
     def logits(self, style: torch.Tensor, class_: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """Pre-sigmoid pixel means [B, 784], and None (no pixel log-variance)."""
+        """Pre-sigmoid pixel means [B, C*H*W], and None (no pixel log-variance)."""
         codes = torch.cat([F.leaky_relu(self.style_input(style), 0.2),
                            F.leaky_relu(self.class_input(class_), 0.2)], dim=1)
-        return self.deconv_model(codes.view(-1, 128, 2, 2)).flatten(1), None
+        return self.deconv_model(codes.view(-1, *self.code_map)).flatten(1), None
 
     def forward(self, style: torch.Tensor, class_: torch.Tensor) -> torch.Tensor:
-        """Return images [B, 1, 28, 28] in [0, 1]."""
+        """Return images [B, C, H, W] in [0, 1]."""
         logits, _ = self.logits(style, class_)
-        return torch.sigmoid(logits).view(-1, 1, 28, 28)
+        return torch.sigmoid(logits).view(-1, *self.shape)
 
 
-def build_networks(arch: str, style_dim: int, class_dim: int,
-                   likelihood: str = "mse") -> tuple[nn.Module, nn.Module]:
-    """The (encoder, decoder) pair of `arch`: "mlp" (the reference's) or "conv" (the cycle-consistent VAE's)."""
+def build_networks(arch: str, style_dim: int, class_dim: int, likelihood: str = "mse",
+                   shape: ImageShape = MNIST_SHAPE) -> tuple[nn.Module, nn.Module]:
+    """The (encoder, decoder) pair of `arch` for images of `shape`: "mlp" (the reference's) or "conv"
+    (the cycle-consistent VAE's at 28 pixels, DCGAN-style at 4 * 2^k pixels)."""
     if arch == "mlp":
-        return Encoder(style_dim, class_dim), Decoder(style_dim, class_dim, likelihood)
+        return Encoder(style_dim, class_dim, shape), Decoder(style_dim, class_dim, likelihood, shape)
     if arch == "conv":
-        return ConvEncoder(style_dim, class_dim), ConvDecoder(style_dim, class_dim, likelihood)
+        return ConvEncoder(style_dim, class_dim, shape), ConvDecoder(style_dim, class_dim, likelihood, shape)
     raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 
@@ -192,16 +245,17 @@ class Classifier(nn.Module):
 
 
 class PixelClassifier(nn.Module):
-    """A small CNN on 28x28 images, used to judge what digit (or garment) a generated image shows."""
+    """A small CNN on images of `shape`, used to judge which digit (garment, group) a generated image shows."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, shape: ImageShape = MNIST_SHAPE) -> None:
         super().__init__()
+        self.shape = channels, height, width = shape
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, 128),
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * (height // 4) * (width // 4), 128),
                                   nn.ReLU(inplace=True), nn.Dropout(0.25), nn.Linear(128, num_classes))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images.reshape(-1, 1, 28, 28)))
+        return self.head(self.features(images.reshape(-1, *self.shape)))

@@ -20,7 +20,7 @@ from typing import Callable, NoReturn
 
 import torch
 
-from data_loader import DATASETS, EVALUATION_SPLITS, VALIDATION_START, DatasetFileError
+from data_loader import EVALUATION_SPLITS, VALIDATION_START, DataSpec, DatasetFileError, add_data_arguments
 from networks import ARCHS, LIKELIHOODS, Decoder, Encoder, build_networks
 
 
@@ -250,7 +250,8 @@ def pick_threads(requested: int | None = None) -> tuple[int, str]:
 
 
 MODEL_DEFAULTS = {"arch": "mlp", "style_dim": 10, "class_dim": 10, "eps_std": 0.1, "likelihood": "mse",
-                  "dataset": "mnist"}
+                  "image_shape": [1, 28, 28]}
+DATA_DEFAULTS = DataSpec()  # runs saved before args.json recorded their data read MNIST
 DEFAULT_RUN = "checkpoints/mlvae_eps0.1"
 
 
@@ -267,10 +268,15 @@ class ModelSettings:
     class_dim: int
     eps_std: float
     likelihood: str
-    dataset: str
+    image_shape: list[int]  # [channels, height, width]
+    data: DataSpec
     encoder_path: Path
     decoder_path: Path
     state: dict | None = field(default=None, repr=False)  # the run's training_state.pt, when it has one
+
+    @property
+    def dataset(self) -> str:
+        return self.data.dataset
 
     @property
     def name(self) -> str:
@@ -321,9 +327,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the networks (default: from args.json, else {MODEL_DEFAULTS['arch']}, the reference's MLP)")
     add("--likelihood", choices=LIKELIHOODS, default=None,
         help=f"the decoder's likelihood (default: from args.json, else {MODEL_DEFAULTS['likelihood']})")
-    add("--dataset", choices=sorted(DATASETS), default=None,
-        help=f"evaluation data (default: the model's training data from args.json, else {MODEL_DEFAULTS['dataset']})")
-    add("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
+    add_data_arguments(parser, from_run=True)
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
 
@@ -357,11 +361,12 @@ def resolve_settings(args: argparse.Namespace) -> ModelSettings:
         saved = state["args"]
     else:
         saved = read_json(run_dir / "args.json") if (run_dir / "args.json").is_file() else {}
-    values = {}
-    for key, default in MODEL_DEFAULTS.items():
-        given = getattr(args, key)
-        values[key] = given if given is not None else saved.get(key, default)
-    return ModelSettings(**values, encoder_path=encoder_path, decoder_path=decoder_path, state=state)
+    values = {key: saved.get(key, default) if getattr(args, key, None) is None else getattr(args, key)
+              for key, default in MODEL_DEFAULTS.items()}
+    data = {key: saved.get(key, getattr(DATA_DEFAULTS, key)) if getattr(args, key) is None else getattr(args, key)
+            for key in DataSpec.__dataclass_fields__}
+    return ModelSettings(**values, data=DataSpec.from_settings(data), encoder_path=encoder_path,
+                         decoder_path=decoder_path, state=state)
 
 
 def _read_state_dict(path: Path, device: torch.device) -> dict:
@@ -428,7 +433,8 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[Encoder
               f"using the weights in {STATE_FILE}. `python training.py --checkpoint-dir {run_dir.parent} "
               f"--run-name {run_dir.name} --resume` rewrites them.", file=sys.stderr)
     try:
-        encoder, decoder = build_networks(settings.arch, settings.style_dim, settings.class_dim, settings.likelihood)
+        encoder, decoder = build_networks(settings.arch, settings.style_dim, settings.class_dim, settings.likelihood,
+                                          tuple(settings.image_shape))
     except ValueError as error:
         raise ModelLoadError(f"{run_dir}: {error}") from error
     encoder, decoder = encoder.to(device), decoder.to(device)

@@ -1,12 +1,15 @@
-"""Train the Multi-Level VAE on MNIST, grouping each minibatch by digit.
+"""Train the Multi-Level VAE on grouped images: MNIST grouped by digit, or a folder of grouped images.
 
 Each image gets a style posterior and a class posterior; the class posteriors of the images of one
-digit in the batch are fused by group evidence accumulation, one class code is sampled per group, and
-the decoder rebuilds every image from its own style sample and its group's class sample.
+group in the batch (one digit, or one folder data set's group) are fused by group evidence
+accumulation, one class code is sampled per group, and the decoder rebuilds every image from its own
+style sample and its group's class sample.
 
     python training.py                                   # paper-correct ML-VAE, eps std 0.1, 400 epochs
     python training.py --epochs 1 --num-train 2048 --run-name smoke   # a quick smoke run
     python training.py --detach-class-posterior --class-kl-per-sample   # the reference's objective
+    python training.py --dataset folder --data-dir ~/faces --image-size 64 --arch conv \
+        --groups-per-batch 32 --images-per-group 8       # your own grouped images (docs/data.md)
     tensorboard --logdir runs                            # watch losses, reconstructions and swap grids
 
 Writes out/<run-name>/{encoder.pt, decoder.pt, args.json, log.csv, training_state.pt} (the shipped
@@ -31,19 +34,20 @@ from tqdm import tqdm
 
 import data_loader
 from evaluation import encode
-from grids import grid_image, reference_indices, swap_cells
-from networks import ARCHS, LIKELIHOODS, PIXELS, Decoder, Encoder, build_networks
+from grids import GRID_GROUPS, grid_image, reference_indices, swap_cells
+from networks import ARCHS, LIKELIHOODS, Decoder, Encoder, build_networks
 from runs import (BETA, LOG_FIELDS, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, RUN_FILES,
                   STATE_FILE, Bounded, UserError, check_writable, fail, folder_name, pick_device, pick_threads,
                   read_log, read_run_state, reports_errors, script_parser, write_run)
-from utils import group_index, latent_layer, num_training_groups, reconstruction_loss, training_groups
+from utils import group_index, latent_layer, reconstruction_loss
 
 # Settings that define the model and its objective: a resumed run must keep them.
-RUN_SETTINGS = ("dataset", "arch", "style_dim", "class_dim", "likelihood", "eps_std", "detach_class_posterior",
+RUN_SETTINGS = ("dataset", "data_list", "split_list", "image_size", "channels", "groups_per_batch",
+                "images_per_group", "arch", "style_dim", "class_dim", "likelihood", "eps_std", "detach_class_posterior",
                 "class_kl_per_sample", "reconstruction_coef", "kl_coef", "style_kl_coef", "group_size",
                 "batch_size", "lr", "beta1", "beta2", "num_train", "classes", "seed", "precision")
 PROGRESS_EVERY = 25  # steps between progress-bar updates and NaN checks (each one syncs the device)
-NUM_CLASSES = 10  # the labels of both datasets lie in [0, 10): the size of the fixed group index
+DEFAULT_IMAGES_PER_GROUP = 8  # group-balanced batches of folder data when neither G nor K is given
 RECONSTRUCTED = 10  # tensorboard shows the first this many test images above their reconstructions
 
 
@@ -55,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     add = parser.add_argument
     add("--epochs", type=POSITIVE_INT, default=400, help="total epochs (a resumed run continues up to this)")
-    add("--batch-size", type=Bounded(int, 2), default=256, help="images per minibatch; a group = one digit in it")
+    add("--batch-size", type=Bounded(int, 2), default=256,
+        help="images per minibatch (random batches: a group = one label in it)")
+    add("--groups-per-batch", type=POSITIVE_INT, default=None,
+        help="group-balanced batches of G groups (default for --dataset folder: batch size / K)")
+    add("--images-per-group", type=Bounded(int, 1), default=None,
+        help=f"... of K images each (default for --dataset folder: {DEFAULT_IMAGES_PER_GROUP}; MNIST: random "
+             "batches, the reference's)")
     add("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate")
     add("--beta1", type=BETA, default=0.9, help="Adam beta1")
     add("--beta2", type=BETA, default=0.999, help="Adam beta2")
@@ -78,11 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference behaviour: cut the class heads out of the gradient before accumulating evidence")
     add("--class-kl-per-sample", action="store_true",
         help="reference behaviour: count the group's class KL once per member instead of once per group")
-    add("--dataset", choices=sorted(data_loader.DATASETS), default="mnist", help="training data")
-    add("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
+    data_loader.add_data_arguments(parser)
     add("--num-train", type=POSITIVE_INT, default=None,
         help="use only the first N training images (of those of --classes; default: all)")
-    add("--classes", type=int, nargs="+", choices=range(10), metavar="LABEL", default=None,
+    add("--classes", type=NONNEGATIVE_INT, nargs="+", metavar="LABEL", default=None,
         help="train only on images of these labels, e.g. 0 1 2 3 4 5 6 7 to hold digits 8 and 9 out")
     add("--seed", type=int, default=0, help="seed of the weights, the batch order and the noise")
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -125,7 +134,9 @@ def default_run_name(args: argparse.Namespace) -> str:
         name += f"_stylekl{args.style_kl_coef:g}"
     if args.group_size is not None:
         name += f"_group{args.group_size}"
-    if args.dataset != "mnist":
+    if args.dataset == data_loader.FOLDER:
+        name += "_" + (Path(args.data_dir).expanduser().resolve().name or "folder")
+    elif args.dataset != "mnist":
         name += f"_{args.dataset}"
     if args.classes is not None:
         name += "_classes" + "".join(map(str, sorted(args.classes)))
@@ -165,7 +176,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--arch conv has no pixel log-variance head; use --likelihood mse or bernoulli")
     if args.num_train is not None and args.num_train < args.batch_size:
         parser.error(f"--num-train ({args.num_train}) must be at least --batch-size ({args.batch_size})")
+    choose_batches(parser, args, given)
     return args
+
+
+def choose_batches(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]) -> None:
+    """Settle random against group-balanced batches: folder data defaults to G groups of K images with
+    G * K = --batch-size; MNIST to the reference's random batches."""
+    if args.images_per_group is None and args.groups_per_batch is None:
+        if args.dataset != data_loader.FOLDER or args.resume:
+            return
+        args.images_per_group = DEFAULT_IMAGES_PER_GROUP
+    if args.group_size is not None:
+        parser.error("--group-size splits the labels of random batches; group-balanced batches "
+                     "(--groups-per-batch, --images-per-group) set the group size themselves")
+    if args.images_per_group is None:
+        args.images_per_group = max(1, args.batch_size // args.groups_per_batch)
+    if args.groups_per_batch is None:
+        args.groups_per_batch = max(1, args.batch_size // args.images_per_group)
+    size = args.groups_per_batch * args.images_per_group
+    if "batch_size" in given and args.batch_size != size:
+        parser.error(f"--batch-size {args.batch_size} differs from --groups-per-batch x --images-per-group = {size}; "
+                     "leave --batch-size out")
+    args.batch_size = size
 
 
 # Flags of one invocation of a run: --resume never takes them from the saved run.
@@ -196,12 +229,12 @@ def take_saved_settings(parser: argparse.ArgumentParser, args: argparse.Namespac
 def compute_losses(encoder: Encoder, decoder: Decoder, x: torch.Tensor, groups: torch.Tensor,
                    noise: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace) -> torch.Tensor:
     """The three ML-VAE loss terms [reconstruction, style KL, class KL] of one batch, each divided by
-    batch*784 as the reference does, so that values compare with its logs.
+    batch * values per image (C*H*W: 784 on MNIST) as the reference does, so that values compare with its logs.
 
     `groups` [B] are ids in [0, G) and `noise` = (style eps [B, S], class eps [G, C]), one class row per
     possible group: a fixed-size group index, so that the step compiles into one graph.
     """
-    x = x.reshape(x.shape[0], PIXELS)
+    x = x.reshape(x.shape[0], -1)
     index = group_index(groups, num_groups=len(noise[1]))
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         style_mu, style_logvar, class_mu, class_logvar = encoder(x)
@@ -215,7 +248,7 @@ def compute_losses(encoder: Encoder, decoder: Decoder, x: torch.Tensor, groups: 
     logits = logits.float()
     pixel_logvar = None if pixel_logvar is None else pixel_logvar.float()
     terms = torch.stack([reconstruction_loss(x, logits, pixel_logvar, args.likelihood), style_kl, class_kl])
-    return terms / (x.shape[0] * PIXELS)
+    return terms / x.numel()
 
 
 def adam_update(optimizer: torch.optim.Adam, grads: list[torch.Tensor]) -> None:
@@ -267,15 +300,14 @@ def compile_step(optimizer: torch.optim.Adam, device: torch.device):
 
 
 def train_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Adam, x: torch.Tensor,
-               groups: torch.Tensor, args: argparse.Namespace, generator: torch.Generator | None = None,
-               step_fn=optimization_step) -> torch.Tensor:
-    """One Adam step on one batch grouped by training_groups; returns the detached loss terms [3]
-    without syncing the device.
+               groups: torch.Tensor, num_groups: int, args: argparse.Namespace,
+               generator: torch.Generator | None = None, step_fn=optimization_step) -> torch.Tensor:
+    """One Adam step on one batch whose group ids lie in [0, num_groups) (data_loader.Batches); returns
+    the detached loss terms [3] without syncing the device.
 
     The step's noise is drawn here from `generator`, outside `step_fn` (optimization_step or
     compile_step's graph): a compiled run and an eager run of one seed draw the same numbers.
     """
-    num_groups = num_training_groups(NUM_CLASSES, len(x), args.group_size)
     noise = (torch.randn(len(x), args.style_dim, generator=generator, device=x.device),
              torch.randn(num_groups, args.class_dim, generator=generator, device=x.device))
     if x.device.type == "cuda":
@@ -327,11 +359,14 @@ class StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def tensorboard_sources(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def tensorboard_sources(test: data_loader.ImageSplit, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed test images tensorboard shows: the first RECONSTRUCTED of the test split, and the swap
-    grid's sources (the first test image of each digit, as `inference.py` takes them)."""
-    images, labels = data_loader.load_split(args.data_dir, "test", args.dataset, device=device)
-    return images[:RECONSTRUCTED].clone(), images[reference_indices(labels, "fixed", None)]
+    grid's sources (the first test image of each of the first GRID_GROUPS groups, as `inference.py`
+    takes them)."""
+    groups = list(range(min(GRID_GROUPS, len(test.groups))))
+    index = torch.cat([torch.arange(RECONSTRUCTED), reference_indices(test.labels, groups, "fixed", None)])
+    images = data_loader.as_float(test.images[index], device)
+    return images[:RECONSTRUCTED], images[RECONSTRUCTED:]
 
 
 @torch.no_grad()
@@ -359,27 +394,40 @@ def write_step_losses(writer, pending: list[tuple[int, torch.Tensor]]) -> None:
     pending.clear()
 
 
-def training_data(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training images [N, 784] and labels [N] that --classes and --num-train select; UserError when
-    they are fewer than asked for or cannot fill one batch."""
-    images, labels = data_loader.load_split(args.data_dir, "train", args.dataset, device=device)
-    selected = ""
+def training_data(args: argparse.Namespace, device: torch.device) -> tuple[data_loader.Batches, data_loader.FolderData]:
+    """The batches of the training images that --classes and --num-train select, and the data set
+    (whose notes are printed first); records the image shape in `args`. UserError when the images are
+    fewer than asked for or cannot fill one batch."""
+    data = data_loader.load_data(data_loader.DataSpec.from_settings(vars(args)), progress=not args.no_progress)
+    for note in data.notes:
+        print(note, flush=True)
+    args.image_shape = list(data.shape)
+    split, where = data.train, f"{args.dataset} training images" + (f" of {args.data_dir}" * (args.dataset == "folder"))
     if args.classes is not None:
-        keep = torch.isin(labels, torch.tensor(args.classes, device=device))
-        images, labels = images[keep], labels[keep]
-        missing = sorted(set(args.classes) - set(labels.unique().tolist()))
+        if args.dataset == data_loader.FOLDER:
+            raise UserError("--classes selects labels of mnist or fashion-mnist; for folder data, list the groups "
+                            "to train on in a --data-list file")
+        keep = torch.isin(split.labels, torch.tensor(args.classes))
+        split = data_loader.ImageSplit(split.images[keep], split.labels[keep], split.groups)
+        missing = sorted(set(args.classes) - set(split.labels.unique().tolist()))
         if missing:
             raise UserError(f"--classes: no {args.dataset} training image has the label(s) {missing}")
-        selected = f" of --classes {' '.join(map(str, args.classes))}"
+        where += f" of --classes {' '.join(map(str, args.classes))}"
     if args.num_train is not None:
-        if args.num_train > len(labels):
-            raise UserError(f"--num-train {args.num_train} exceeds the {len(labels)} {args.dataset} training images"
-                            f"{selected}; pass at most {len(labels)}, or leave it out to use them all")
-        images, labels = images[: args.num_train], labels[: args.num_train]
-    if len(labels) < args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(labels)} training images{selected}; "
-                        "pass a smaller one")
-    return images.reshape(len(images), PIXELS), labels
+        if args.num_train > len(split.labels):
+            raise UserError(f"--num-train {args.num_train} exceeds the {len(split.labels)} {where}; pass at most "
+                            f"{len(split.labels)}, or leave it out to use them all")
+        split = data_loader.ImageSplit(split.images[: args.num_train], split.labels[: args.num_train], split.groups)
+    if args.images_per_group is not None:
+        print(f"group-balanced batches of {args.groups_per_batch} groups x {args.images_per_group} images; "
+              + data_loader.describe_groups(split.labels, args.images_per_group), flush=True)
+    batches = data_loader.Batches(split, args.batch_size, device, args.groups_per_batch, args.images_per_group,
+                                  args.group_size)
+    if batches.steps_per_epoch == 0:
+        fix = ("pass a smaller --groups-per-batch or --images-per-group" if args.images_per_group
+               else "pass a smaller --batch-size")
+        raise UserError(f"the {len(split.labels)} {where} cannot fill one batch of {args.batch_size}; {fix}")
+    return batches, data
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -390,11 +438,11 @@ def train(args: argparse.Namespace) -> Path:
     print(f"{args.run_name}: {device}, {threads} CPU thread{'s' * (threads > 1)} ({why})", flush=True)
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    images, labels = training_data(args, device)
+    batches, data = training_data(args, device)
     encoder, decoder = (net.to(device) for net in build_networks(args.arch, args.style_dim, args.class_dim,
-                                                                  args.likelihood))
+                                                                  args.likelihood, tuple(args.image_shape)))
     optimizer = make_optimizer(encoder, decoder, args)
-    steps_per_epoch = len(images) // args.batch_size
+    steps_per_epoch = batches.steps_per_epoch
     epoch, step, iteration, perm, partial, log_rows = 0, 0, 0, None, None, []
     for tmp in args.run_dir.glob("*.tmp"):  # left by a process killed while saving
         tmp.unlink()
@@ -422,7 +470,7 @@ def train(args: argparse.Namespace) -> Path:
                            purge_step=iteration + 1 if args.resume else None)
     settings = json.dumps(saved_args(args), indent=1, sort_keys=True)  # as args.json holds them
     writer.add_text("settings", "\n".join("    " + line for line in settings.splitlines()), iteration)
-    sources = tensorboard_sources(args, device) if args.image_every else None
+    sources = tensorboard_sources(data.test, device) if args.image_every else None
     window, window_start = torch.zeros(3, device=device), iteration  # loss sums of the --log-every window
     pending = []  # (iteration, window means) not yet read from the device
 
@@ -437,7 +485,7 @@ def train(args: argparse.Namespace) -> Path:
     with StopRequest() as stop, writer:
         for epoch in epochs_bar:
             if perm is None:
-                perm = torch.randperm(len(images), generator=generator, device=device)
+                perm = batches.epoch_order(generator)
             # The epoch's loss sums, carried over from the save when the run resumes in mid-epoch.
             totals = torch.zeros(3, device=device) if partial is None else partial.to(device)
             partial = None
@@ -445,11 +493,9 @@ def train(args: argparse.Namespace) -> Path:
             steps_bar = tqdm(range(step, steps_per_epoch), initial=step, total=steps_per_epoch, leave=False,
                              unit="batch", disable=args.no_progress, dynamic_ncols=True)
             for step in steps_bar:
-                index = perm[step * args.batch_size:(step + 1) * args.batch_size]
-                # index_select gathers rows about twice as fast as images[index] on the CPU.
-                groups = training_groups(labels.index_select(0, index), args.group_size)
-                terms = train_step(encoder, decoder, optimizer, images.index_select(0, index), groups, args,
-                                   generator, step_fn)
+                x, groups = batches.batch(perm, step)
+                terms = train_step(encoder, decoder, optimizer, x, groups, batches.num_groups, args, generator,
+                                   step_fn)
                 totals += terms
                 window += terms
                 iteration += 1

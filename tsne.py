@@ -1,4 +1,7 @@
-"""t-SNE maps of the style latents and of the class latents (without and with evidence), coloured by digit.
+"""t-SNE maps of the style latents and of the class latents (without and with evidence), coloured by group.
+
+On MNIST the groups are the digits; on folder data, the test split's groups (with a legend up to
+LEGEND_GROUPS of them, beyond that colours only).
 
 Each point is one test image's posterior mean. In the third panel the class code of an image is the
 mean of the accumulated posterior of the images of its digit within its random batch (as in the
@@ -28,7 +31,7 @@ from runs import (PLOT_SUFFIXES, POSITIVE, POSITIVE_INT, Bounded, UserError, add
                   device_and_models, reports_errors, save_figure, script_parser)
 from utils import accumulate_group_evidence
 
-NUM_DIGITS = 10
+LEGEND_GROUPS = 20  # more groups than this are coloured without a legend
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,18 +55,22 @@ def latent_panels(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.
     return {"style": style_mu, "class, no evidence": class_mu, "class, with evidence": group_mu}
 
 
-def plot(embeddings: dict[str, np.ndarray], labels: np.ndarray, title: str, out: Path) -> None:
+def plot(embeddings: dict[str, np.ndarray], labels: np.ndarray, names: list[str], title: str, out: Path) -> None:
     fig, axes = plt.subplots(1, len(embeddings), figsize=(5 * len(embeddings), 5.4))
-    colours = plt.get_cmap("tab10")
+    shown = np.unique(labels)
+    colours = plt.get_cmap("tab10" if len(shown) <= 10 else "tab20" if len(shown) <= 20 else "hsv")
     for ax, (name, points) in zip(axes, embeddings.items()):
-        for digit in range(NUM_DIGITS):
-            mine = labels == digit
-            ax.scatter(points[mine, 0], points[mine, 1], s=4, color=colours(digit), label=str(digit))
+        for rank, group in enumerate(shown):
+            mine = labels == group
+            ax.scatter(points[mine, 0], points[mine, 1], s=4, color=colours(rank / max(len(shown) - 1, 1)
+                                                                            if len(shown) > 20 else rank),
+                       label=names[group])
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="center right", title="digit", markerscale=4, frameon=False)
+    if len(shown) <= LEGEND_GROUPS:
+        handles, legend = axes[0].get_legend_handles_labels()
+        fig.legend(handles, legend, loc="center right", title="group", markerscale=4, frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.95, 1))
     save_figure(fig, out)
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--perplexity {args.perplexity:g} must be smaller than --num-samples {args.num_samples}")
     device, encoder, _, settings = device_and_models(parser, args)
     out = check_writable(args.out or f"images/tsne_{settings.name}.png", "--out", PLOT_SUFFIXES)
-    images, labels = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
+    images, labels, names = data_loader.labelled_images(settings.data, "test", device)
     if args.num_samples > len(labels):
         raise UserError(f"--num-samples {args.num_samples} exceeds the {len(labels)} {settings.dataset} test images; "
                         f"pass at most {len(labels)}")
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> Path:
         tsne = TSNE(n_components=2, perplexity=args.perplexity, init="pca", random_state=args.seed)
         embeddings[name] = tsne.fit_transform(points.cpu().numpy())
         print(f"t-SNE of the {name} latents done")
-    plot(embeddings, labels[index].cpu().numpy(),
+    plot(embeddings, labels[index].cpu().numpy(), names,
          f"{settings.name}: posterior means of {args.num_samples} {settings.dataset} test images", out)
     print(f"Saved the t-SNE maps to {out}")
     return out

@@ -2,9 +2,13 @@
 
     python -m studies.pixel_classifier --out out/pixel_classifier_mnist.pt
     python -m studies.pixel_classifier --dataset fashion-mnist --out out/pixel_classifier_fashion-mnist.pt
+    python -m studies.pixel_classifier --dataset folder --data-dir data/identities   # judge of a folder's groups
 
 The default --out, checkpoints/pixel_classifier_<dataset>.pt, holds the shipped classifier that
-studies/swap_score.py reads; replacing an existing file takes --overwrite.
+studies/swap_score.py reads (out/pixel_classifier_folder_<data folder name>.pt for folder data);
+replacing an existing file takes --overwrite. On folder data it learns the groups; where the test groups
+are not training groups it learns them from the first half of each test group's images and is scored
+on the second half, the half the swap score draws its sources from (data_loader.evaluation_splits).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data_loader
-from evaluation import predict
+from evaluation import default_judge_path, predict
 from networks import PixelClassifier
 from runs import (POSITIVE, POSITIVE_INT, UserError, atomic_save, check_finite, check_writable, pick_device,
                   reports_errors, script_parser)
@@ -23,15 +27,15 @@ from runs import (POSITIVE, POSITIVE_INT, UserError, atomic_save, check_finite, 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
-    parser.add_argument("--dataset", choices=sorted(data_loader.DATASETS), default="mnist", help="data set")
-    parser.add_argument("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
+    data_loader.add_data_arguments(parser)
     parser.add_argument("--epochs", type=POSITIVE_INT, default=8, help="passes over the training split")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="images per step")
     parser.add_argument("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate")
     parser.add_argument("--num-train", type=POSITIVE_INT, default=None, help="use only the first N training images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument("--out", default=None, help="default: checkpoints/pixel_classifier_<dataset>.pt")
+    parser.add_argument("--out", default=None, help="default: checkpoints/pixel_classifier_<dataset>.pt "
+                        "(folder data: out/pixel_classifier_folder_<data folder name>.pt)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -45,12 +49,15 @@ def main(argv: list[str] | None = None) -> float:
         device = pick_device(args.device)
     except ValueError as error:
         parser.error(f"--device: {error}")
-    out = check_writable(args.out or f"checkpoints/pixel_classifier_{args.dataset}.pt", "--out")
+    spec = data_loader.DataSpec.from_settings(vars(args))
+    out = check_writable(args.out or default_judge_path(spec), "--out")
     if out.exists() and not args.overwrite:
         raise UserError(f"--out {out} exists; pass another --out, or --overwrite to replace it")
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    images, labels = data_loader.load_split(args.data_dir, "train", args.dataset, device)
+    (images, labels), (test_images, test_labels), note = data_loader.evaluation_splits(spec, "test", device)
+    if note:
+        print(note)
     if args.num_train is not None and args.num_train > len(labels):
         raise UserError(f"--num-train {args.num_train} exceeds the {len(labels)} {args.dataset} training images; "
                         f"pass at most {len(labels)}")
@@ -58,8 +65,7 @@ def main(argv: list[str] | None = None) -> float:
     if args.batch_size > len(labels):
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(labels)} training images; "
                         "pass a smaller one")
-    test_images, test_labels = data_loader.load_split(args.data_dir, "test", args.dataset, device)
-    model = PixelClassifier().to(device)
+    model = PixelClassifier(int(labels.max()) + 1, tuple(images.shape[1:])).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     for epoch in range(args.epochs):
         model.train()

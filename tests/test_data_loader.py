@@ -90,7 +90,7 @@ def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch):
 
 
 def test_validation_split_holds_out_the_last_ten_thousand_train_images():
-    (train_x, train_y), (held_x, held_y) = data_loader.evaluation_splits(DATA, "mnist", "validation")
+    (train_x, train_y), (held_x, held_y) = data_loader.evaluation_splits(data_loader.DataSpec("mnist", str(DATA)), "validation")[:2]
     assert (len(train_y), len(held_y)) == (50000, 10000)
     all_x, _ = data_loader.load_split(DATA, "train")
     assert torch.equal(held_x, all_x[50000:]) and torch.equal(train_x, all_x[:50000])
@@ -98,4 +98,4 @@ def test_validation_split_holds_out_the_last_ten_thousand_train_images():
 
 def test_unknown_evaluation_split_is_refused():
     with pytest.raises(ValueError, match="validation"):
-        data_loader.evaluation_splits(DATA, "mnist", "dev")
+        data_loader.evaluation_splits(data_loader.DataSpec("mnist", str(DATA)), "dev")

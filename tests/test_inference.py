@@ -8,7 +8,8 @@ from PIL import Image
 import grids
 import inference
 
-GRID_PIXELS = 11 * grids.CELL + 9 * grids.GAP + grids.SEPARATOR
+CELL = 28  # MNIST
+GRID_PIXELS = 11 * CELL + 9 * grids.GAP + grids.SEPARATOR
 
 
 def run(tiny_run, tmp_path, *flags):
@@ -23,17 +24,17 @@ def test_grid_png_has_the_expected_size_and_a_blank_corner(tiny_run, tmp_path, c
     out = run(tiny_run, tmp_path)
     assert Image.open(out).size == (GRID_PIXELS, GRID_PIXELS)
     image = pixels(out)
-    assert (image[: grids.CELL, : grids.CELL] == 1).all()  # the white background, no image
-    assert image[grids.CELL + 2: grids.CELL + 4].eq(1).all()  # the separator below the top row
+    assert (image[: CELL, : CELL] == 1).all()  # the white background, no image
+    assert image[CELL + 2: CELL + 4].eq(1).all()  # the separator below the top row
     assert str(out) in capsys.readouterr().out
 
 
 def test_diagonal_is_a_reconstruction_of_its_source(tiny_run, tmp_path):
     image = pixels(run(tiny_run, tmp_path))
-    top, left = grids.cell_offset(3), grids.cell_offset(0)
+    top, left = grids.cell_offset(3, CELL), grids.cell_offset(0, CELL)
     source = image[top:top + 28, left:left + 28]
     diagonal = image[top:top + 28, top:top + 28]
-    off_diagonal_source = image[grids.cell_offset(0):grids.cell_offset(0) + 28, top:top + 28]
+    off_diagonal_source = image[grids.cell_offset(0, CELL):grids.cell_offset(0, CELL) + 28, top:top + 28]
     torch.testing.assert_close(source, off_diagonal_source)  # row 3's style image heads column 3
     assert not torch.equal(diagonal, source)  # a generation, not a copy
 
@@ -52,7 +53,7 @@ def test_random_references_follow_the_seed(tiny_run, tmp_path):
 
 def test_fixed_references_are_the_first_test_image_of_each_digit():
     labels = torch.tensor([7, 2, 1, 0, 4, 1, 4, 9, 5, 9, 0, 6, 9, 0, 1, 5, 9, 7, 3, 4, 8])
-    chosen = grids.reference_indices(labels, "fixed", torch.Generator())
+    chosen = grids.reference_indices(labels, list(range(10)), "fixed", torch.Generator())
     assert chosen.tolist() == [3, 2, 1, 18, 4, 8, 11, 0, 20, 7]
 
 
@@ -60,7 +61,7 @@ def test_fixed_references_are_the_first_test_image_of_each_digit():
 def test_evidence_changes_the_generations_but_not_the_sources(tiny_run, tmp_path, flags):
     plain = pixels(run(tiny_run, tmp_path / "a"))
     evidence = pixels(run(tiny_run, tmp_path / "b", "--accumulate-evidence", *flags))
-    sources = grids.cell_offset(1)
+    sources = grids.cell_offset(1, CELL)
     torch.testing.assert_close(plain[:sources], evidence[:sources])
     assert not torch.equal(plain[sources:, sources:], evidence[sources:, sources:])
 

@@ -6,7 +6,7 @@ import torch
 
 import training
 from networks import build_networks
-from utils import training_groups
+from utils import num_training_groups, training_groups
 
 BATCH, STEPS = 16, 3  # a batch of 16 leaves some of the 10 digit groups empty
 
@@ -30,8 +30,9 @@ def trained_weights(args, compiled):
     step_fn = training.compile_step(optimizer, args.device) if compiled else training.optimization_step
     generator = torch.Generator().manual_seed(0)
     for x, labels in batches(generator):
-        training.train_step(encoder, decoder, optimizer, x, training_groups(labels, args.group_size), args,
-                            generator, step_fn)
+        groups = training_groups(labels, args.group_size)
+        training.train_step(encoder, decoder, optimizer, x, groups, num_training_groups(10, BATCH, args.group_size),
+                            args, generator, step_fn)
     return [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
 
 
