@@ -40,7 +40,6 @@ import training
 from networks import HIDDEN, PIXELS, build_networks
 from runs import (POSITIVE_INT, check_writable, idle_threads, pick_device, pick_threads, reports_errors,
                   script_parser, write_text_atomic)
-from utils import training_groups
 
 MNIST_TRAIN = 60000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -178,34 +177,35 @@ def step_args(batch: int, precision: str, device: torch.device, compile_: bool) 
 class StepRunner:
     """training.py's model, optimizer and batches for `args`; `step()` runs one training.train_step."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> None:
-        self.images, self.labels, self.args = images, labels, args
+    def __init__(self, split: data_loader.ImageSplit, args: argparse.Namespace) -> None:
+        self.args = args
         torch.manual_seed(args.seed)
         self.generator = torch.Generator(device=args.device).manual_seed(args.seed)
         self.encoder, self.decoder = (net.to(args.device) for net in build_networks(
-            args.arch, args.style_dim, args.class_dim, args.likelihood))
+            args.arch, args.style_dim, args.class_dim, args.likelihood, tuple(split.images.shape[1:])))
         self.optimizer = training.make_optimizer(self.encoder, self.decoder, args)
         self.step_fn = (training.compile_step(self.optimizer, args.device) if args.compile
                         else training.optimization_step)
-        self.perm = torch.randperm(len(images), generator=self.generator, device=args.device)
+        self.batches = data_loader.Batches(split, args.batch_size, args.device, args.groups_per_batch,
+                                           args.images_per_group, args.group_size)
+        self.order = self.batches.epoch_order(self.generator)
         self.position = 0
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.args.batch_size
-        index = self.perm[self.position * size:(self.position + 1) * size]
-        self.position = (self.position + 1) % (len(self.images) // size)
-        return self.images.index_select(0, index), training_groups(self.labels.index_select(0, index))
+        batch = self.batches.batch(self.order, self.position)
+        self.position = (self.position + 1) % self.batches.steps_per_epoch
+        return batch
 
     def step(self) -> torch.Tensor:
         x, groups = self.batch()
-        return training.train_step(self.encoder, self.decoder, self.optimizer, x, groups, self.args,
-                                   self.generator, self.step_fn)
+        return training.train_step(self.encoder, self.decoder, self.optimizer, x, groups, self.batches.num_groups,
+                                   self.args, self.generator, self.step_fn)
 
     def explain(self) -> dict:
         """Graphs and graph breaks of the step (torch._dynamo.explain, which resets Dynamo's caches)."""
         x, groups = self.batch()
         noise = (torch.randn(len(x), self.args.style_dim, device=x.device),
-                 torch.randn(training.NUM_CLASSES, self.args.class_dim, device=x.device))
+                 torch.randn(self.batches.num_groups, self.args.class_dim, device=x.device))
         explained = torch._dynamo.explain(training.optimization_step)(
             self.encoder, self.decoder, self.optimizer, x, groups, noise, self.args)
         return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
@@ -261,8 +261,7 @@ def step_row(name: str, seconds: list[float], batch: int, **fields) -> dict:
 
 def benchmark_device(device: torch.device, options: argparse.Namespace) -> tuple[list[dict], list[dict], dict]:
     """(rows of the step configurations, the FLOP bounds, the time split) on `device`."""
-    images, labels = data_loader.load_split(options.data_dir, "train", device=device)
-    images = images.reshape(len(images), PIXELS)
+    split = data_loader.idx_split(options.data_dir, "train")
     defaults = step_args(options.batch_size, "fp32", device, False)
     flops = step_flops(options.batch_size, defaults.style_dim, defaults.class_dim)
     calls = max(options.steps // options.rounds, 1)
@@ -270,7 +269,7 @@ def benchmark_device(device: torch.device, options: argparse.Namespace) -> tuple
     for precision in options.precision:
         for compile_ in (False, True) if options.compile else (False,):
             name = ("compiled" if compile_ else "eager") + f" {precision}"
-            runners[name] = StepRunner(images, labels, step_args(options.batch_size, precision, device, compile_))
+            runners[name] = StepRunner(split, step_args(options.batch_size, precision, device, compile_))
             fields[name] = {"precision": precision, "compile": compile_}
     for name, runner in runners.items():  # explain() resets Dynamo: before any compiled step runs
         if runner.args.compile:
@@ -305,8 +304,7 @@ def busy_neighbour(options: argparse.Namespace) -> dict:
     """The eager fp32 CPU step beside one busy process, with the threads training.py picks by default
     (asked while the neighbour runs), with one per CPU (torch's default on a machine without
     hyper-threads) and with one; speeds relative to one thread."""
-    images, labels = data_loader.load_split(options.data_dir, "train")
-    runner = StepRunner(images.reshape(len(images), PIXELS), labels,
+    runner = StepRunner(data_loader.idx_split(options.data_dir, "train"),
                         step_args(options.batch_size, "fp32", torch.device("cpu"), False))
     for _ in range(options.warmup):
         runner.step()

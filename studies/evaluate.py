@@ -36,9 +36,8 @@ import torch
 from tqdm import tqdm
 
 import data_loader
-from evaluation import (Posteriors, batch_groups, batch_order, classifier_protocol, encode, latent_accuracies,
-                        load_pixel_classifier)
-from networks import PIXELS
+from evaluation import (Posteriors, batch_groups, batch_order, classifier_protocol, default_judge_path, encode,
+                        latent_accuracies, load_pixel_classifier)
 from runs import (ModelSettings, add_model_arguments, check_writable, device_and_models, read_log, reports_errors,
                   script_parser, write_text_atomic)
 from studies.group_size import GROUP_SIZES, accuracy_by_group_size
@@ -72,14 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def loss_terms(encoder: torch.nn.Module, decoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 likelihood: str, eps_std: float, generator: torch.Generator) -> dict[str, float]:
-    """The loss terms on a split, each summed and divided by (images * 784) as training.py logs them.
+    """The loss terms on a split, each summed and divided by (images * values per image, 784 on MNIST)
+    as training.py logs them.
 
     posterior_means: reconstruction from the style mean and the image's own class mean.
     sampled: the training's latent layer (utils.latent_layer) on random batches of 256 grouped by
     label; style_kl and class_kl come from the same pass, the class KL counted once per group (the paper).
     means_with_evidence: the same batches, from the style mean and the group's fused class mean.
     """
-    x = images.reshape(len(images), PIXELS)
+    x = images.reshape(len(images), -1)
+    pixels = x.shape[1]
     style_mu, style_logvar, class_mu, class_logvar = encode(encoder, x)
     logits, pixel_logvar = decoder.logits(style_mu, class_mu)
     means = reconstruction_loss(x, logits, pixel_logvar, likelihood)
@@ -93,8 +94,8 @@ def loss_terms(encoder: torch.nn.Module, decoder: torch.nn.Module, images: torch
     group_mu, _ = accumulate_group_evidence(class_mu[order], class_logvar[order], groups)
     logits, pixel_logvar = decoder.logits(style_mu[order], group_mu)
     fused = reconstruction_loss(x[order], logits, pixel_logvar, likelihood)
-    sampled_pixels = len(order) * PIXELS  # whole batches only, as in training
-    return {"posterior_means": means.item() / (len(x) * PIXELS), "sampled": sampled.item() / sampled_pixels,
+    sampled_pixels = len(order) * pixels  # whole batches only, as in training
+    return {"posterior_means": means.item() / (len(x) * pixels), "sampled": sampled.item() / sampled_pixels,
             "means_with_evidence": fused.item() / sampled_pixels,
             "style_kl": style_kl.item() / sampled_pixels, "class_kl": class_kl.item() / sampled_pixels}
 
@@ -128,10 +129,11 @@ def latent_classifier_results(train: tuple[Posteriors, torch.Tensor], test: tupl
 def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.Module, decoder: torch.nn.Module,
              settings: ModelSettings) -> dict:
     """Every number of the run (see the module docstring) as one JSON-ready dict."""
-    (train_x, train_y), (test_x, test_y) = data_loader.evaluation_splits(args.data_dir, settings.dataset, "test",
-                                                                         device)
-    pixel_classifier = load_pixel_classifier(
-        args.pixel_classifier or f"checkpoints/pixel_classifier_{settings.dataset}.pt", device)
+    (train_x, train_y), (test_x, test_y), note = data_loader.evaluation_splits(settings.data, "test", device)
+    if note:
+        print(note)
+    pixel_classifier = load_pixel_classifier(args.pixel_classifier or default_judge_path(settings.data), device,
+                                             tuple(settings.image_shape))
     train, test = (encode(encoder, train_x), train_y), (encode(encoder, test_x), test_y)
     bar = tqdm(total=len(PROTOCOLS) + 3, unit="stage", disable=args.no_progress, dynamic_ncols=True)
     classifiers, mlp = latent_classifier_results(train, test, args, settings.eps_std, bar)
@@ -143,8 +145,8 @@ def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.M
     bar.update()
 
     bar.set_description("swap score")
-    swap = swap_scores(encoder, decoder, pixel_classifier, test_x, test_y, args.num_styles, args.evidence_size,
-                       torch.Generator().manual_seed(args.seed))
+    swap = swap_scores(encoder, decoder, pixel_classifier, test_x, test_y, min(args.num_styles, len(test_y)),
+                       args.evidence_size, torch.Generator().manual_seed(args.seed))
     bar.update()
 
     bar.set_description("test loss")
@@ -162,7 +164,9 @@ def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.M
         "model": {"encoder": str(settings.encoder_path), "decoder": str(settings.decoder_path),
                   "encoder_sha256": sha256(settings.encoder_path), "decoder_sha256": sha256(settings.decoder_path),
                   "style_dim": settings.style_dim, "class_dim": settings.class_dim, "eps_std": settings.eps_std,
-                  "likelihood": settings.likelihood, "dataset": settings.dataset},
+                  "likelihood": settings.likelihood, "dataset": settings.dataset,
+                  **({"data": vars(settings.data), "image_shape": settings.image_shape}
+                     if settings.dataset == data_loader.FOLDER else {})},
         "training_args": training_args,
         "epochs_trained": int(log[-1]["epoch"]) if log else None,
         "evaluation": {"split": "test", "classifier_iterations": args.iterations,

@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         check_writable(args.json, "--json")
     device, encoder, _, settings = device_and_models(parser, args)
-    (train_x, train_y), (test_x, test_y) = data_loader.evaluation_splits(args.data_dir, settings.dataset,
-                                                                         "test", device)
+    (train_x, train_y), (test_x, test_y), _ = data_loader.evaluation_splits(settings.data, "test", device)
     check_label_counts(test_y, args.held_out, 1, f"{settings.dataset} test", "--held-out")
     check_label_counts(train_y, args.held_out, max(args.shots), f"{settings.dataset} train", "--shots")
     keep = torch.isin(test_y, torch.tensor(args.held_out, device=device))

@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"--compare {path}: no such file; pass JSON files written by --json")
     compared = [read_curves(path) for path in args.compare]
     device, encoder, _, settings = device_and_models(parser, args)
-    (train_x, train_y), (test_x, test_y) = data_loader.evaluation_splits(args.data_dir, settings.dataset,
-                                                                         args.split, device)
+    (train_x, train_y), (test_x, test_y), note = data_loader.evaluation_splits(settings.data, args.split, device)
+    if note:
+        print(note)
     if len(train_y) < MLP_BATCH:
         raise UserError(f"the {len(train_y)} training images cannot fill one batch of {MLP_BATCH} of the MLP probe")
     check_label_counts(test_y, sorted(set(test_y.tolist())), max(args.group_sizes), f"{settings.dataset} {args.split}",
