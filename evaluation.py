@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import data_loader
 from networks import Classifier, PixelClassifier, init_reference_
-from utils import accumulate_group_evidence, group_index, group_wise_reparameterize, reparameterize
+from utils import accumulate_group_evidence, group_index, group_wise_reparameterize, reparameterize, training_groups
 
 Posteriors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -27,16 +27,6 @@ def encode(encoder: torch.nn.Module, images: torch.Tensor, chunk: int = 2048) ->
     """Run the encoder once over a whole split in chunks: (style_mu, style_logvar, class_mu, class_logvar)."""
     parts = [encoder(batch) for batch in images.split(chunk)]
     return tuple(torch.cat(column) for column in zip(*parts))
-
-
-def batch_groups(labels: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Group ids for rows laid out as consecutive batches: one group per (batch, label).
-
-    Evidence accumulated with these ids over a whole split equals accumulating batch by batch, grouped
-    by label, which is how the reference forms groups, without a Python loop over batches.
-    """
-    batch = torch.arange(len(labels), device=labels.device) // batch_size
-    return batch * (int(labels.max()) + 1) + labels
 
 
 def sample_per_label(labels: torch.Tensor, classes: list[int], count: int, trials: int = 1,
@@ -86,7 +76,7 @@ def classifier_latents(posteriors: Posteriors, labels: torch.Tensor, order: torc
     """
     style_mu, style_logvar, class_mu, class_logvar = (t[order] for t in posteriors)
     if evidence:
-        groups = batch_groups(labels[order], batch_size)
+        groups = training_groups(labels[order], batch_size=batch_size)
         index = group_index(groups)
         class_mu, class_logvar = accumulate_group_evidence(class_mu, class_logvar, groups, index)
     if not sampled:

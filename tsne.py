@@ -26,10 +26,10 @@ import torch
 from sklearn.manifold import TSNE
 
 import data_loader
-from evaluation import batch_groups, encode
+from evaluation import encode
 from runs import (PLOT_SUFFIXES, POSITIVE, POSITIVE_INT, Bounded, UserError, add_model_arguments, check_writable,
                   device_and_models, reports_errors, save_figure, script_parser)
-from utils import accumulate_group_evidence
+from utils import accumulate_group_evidence, training_groups
 
 LEGEND_GROUPS = 20  # more groups than this are coloured without a legend
 
@@ -51,7 +51,7 @@ def latent_panels(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.
                   evidence_batch: int) -> dict[str, torch.Tensor]:
     """The three point sets to map, keyed by panel title; rows follow `images`."""
     style_mu, _, class_mu, class_logvar = encode(encoder, images)
-    group_mu, _ = accumulate_group_evidence(class_mu, class_logvar, batch_groups(labels, evidence_batch))
+    group_mu, _ = accumulate_group_evidence(class_mu, class_logvar, training_groups(labels, batch_size=evidence_batch))
     return {"style": style_mu, "class, no evidence": class_mu, "class, with evidence": group_mu}
 
 

@@ -33,12 +33,21 @@ def group_index(groups: torch.Tensor, num_groups: int | None = None) -> GroupInd
     return groups, counts.index_add(0, groups, torch.ones_like(groups))
 
 
-def training_groups(labels: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
-    """Group ids [B] of a training batch: one group per label (the paper), or with `group_size`, each
-    label's images split in batch order into groups of at most `group_size`.
+def training_groups(labels: torch.Tensor, group_size: int | None = None, batch_size: int | None = None
+                    ) -> torch.Tensor:
+    """Group ids [B] of a batch: one group per label (the paper), or with `group_size`, each label's
+    images split in batch order into groups of at most `group_size`. The ids lie in
+    [0, num_training_groups(num_classes, B, group_size)) for labels in [0, num_classes).
 
-    The ids lie in [0, num_training_groups(num_classes, B, group_size)) for labels in [0, num_classes).
+    With `batch_size` (and no `group_size`) the rows are consecutive batches of that size, as an
+    evaluation lays a whole split out: one group per (batch, label), so that evidence accumulated over
+    the split equals accumulating batch by batch, grouped by label, without a loop over batches.
     """
+    if batch_size is not None:
+        if group_size is not None:
+            raise ValueError("training_groups takes batch_size or group_size, not both")
+        batch = torch.arange(len(labels), device=labels.device) // batch_size
+        return batch * (int(labels.max()) + 1) + labels
     if group_size is None:
         return labels
     order = torch.argsort(labels, stable=True)

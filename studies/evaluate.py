@@ -36,13 +36,13 @@ import torch
 from tqdm import tqdm
 
 import data_loader
-from evaluation import (Posteriors, batch_groups, batch_order, classifier_protocol, default_judge_path, encode,
+from evaluation import (Posteriors, batch_order, classifier_protocol, default_judge_path, encode,
                         latent_accuracies, load_pixel_classifier)
 from runs import (ModelSettings, add_model_arguments, check_writable, device_and_models, read_log, reports_errors,
                   script_parser, write_text_atomic)
 from studies.group_size import GROUP_SIZES, accuracy_by_group_size
 from studies.swap_score import swap_scores
-from utils import accumulate_group_evidence, group_index, latent_layer, reconstruction_loss
+from utils import accumulate_group_evidence, group_index, latent_layer, reconstruction_loss, training_groups
 
 ITERATIONS = 20000  # classifier steps, the same for every run (classifier.py's default; the reference: 100000)
 PROTOCOLS = [(latents, evidence) for latents in ("sampled", "means") for evidence in ("no_evidence", "with_evidence")]
@@ -85,7 +85,7 @@ def loss_terms(encoder: torch.nn.Module, decoder: torch.nn.Module, images: torch
     logits, pixel_logvar = decoder.logits(style_mu, class_mu)
     means = reconstruction_loss(x, logits, pixel_logvar, likelihood)
     order = batch_order(len(x), TRAINING_BATCH, generator)
-    groups = batch_groups(labels[order], TRAINING_BATCH)
+    groups = training_groups(labels[order], batch_size=TRAINING_BATCH)
     style_z, class_z, style_kl, class_kl = latent_layer(
         style_mu[order], style_logvar[order], class_mu[order], class_logvar[order], groups, eps_std,
         generator=generator, index=group_index(groups))
