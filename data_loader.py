@@ -482,8 +482,8 @@ def _list_images(data_dir: Path, data_list: str | Path | None, split_list: str |
             raise DatasetFileError(f"the {split} split of {data_dir} is empty ({how}); give it images")
     counts = {split: sum(row[2] == split for row in rows) for split in SPLITS}
     groups = {split: len({row[1] for row in rows if row[2] == split}) for split in SPLITS}
-    how_split = (f"folder data {data_dir}: {how}; {counts['train']} train images in {groups['train']} groups, "
-                 f"{counts['test']} test images in {groups['test']} groups")
+    how_split = (f"folder data {data_dir}: {how}; train: {counts['train']} images, {groups['train']} groups; "
+                 f"test: {counts['test']} images, {groups['test']} groups")
     return _Listing(paths=[row[0] for row in rows], groups=[row[1] for row in rows], splits=[row[2] for row in rows],
                     stats=[(row[3].st_size, row[3].st_mtime_ns) for row in rows], how_split=how_split,
                     skipped=skipped, list_digests=digests)
@@ -772,16 +772,13 @@ def _image_split(images: torch.Tensor, listing: _Listing, rows: slice) -> ImageS
 
 def _groups_note(train: ImageSplit, test: ImageSplit) -> str:
     shared = len(set(test.groups) & set(train.groups))
-    if shared == len(test.groups):
-        return f"test groups: all {shared} are train groups"
-    if shared == 0:
-        return f"test groups: none of the {len(test.groups)} is a train group (unseen groups)"
-    return f"test groups: {shared} of the {len(test.groups)} are train groups"
+    kind = "seen groups" if shared == len(test.groups) else "unseen groups" if shared == 0 else "a partial overlap"
+    return f"test groups that are train groups: {shared} of {len(test.groups)} ({kind})"
 
 
 def _skipped_note(skipped: list[str]) -> str:
     examples = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
-    return f"skipped {len(skipped)} entries that are not images in a group folder: {examples}"
+    return f"skipped, as not images in a group folder: {len(skipped)} ({examples})"
 
 
 def _worker_count() -> int:

@@ -75,6 +75,7 @@ def test_train_and_test_folders_give_rows_sorted_by_group_then_path(split_folder
         assert [split.groups[label] for label in split.labels] == [path.split("/")[1] for path in split.files]
         assert torch.equal(split.images, torch.stack([as_chw(pixels[path]) for path in split.files]))
     assert "train/ and test/ folders give the split" in data.notes[0]
+    assert data.notes[1] == "test groups that are train groups: 3 of 3 (seen groups)"
     assert torch.equal(align_test_groups(data.train, data.test), data.test.labels)
 
 
@@ -112,7 +113,7 @@ def test_a_data_list_with_a_celeba_split_list_maps_validation_to_train(tmp_path)
     assert data.test.files == [n for n in names if partition[n] == "2"]
     assert [data.test.groups[label] for label in data.test.labels] == [identity[n] for n in data.test.files]
     assert data.test.groups == ["108", "109"] and align_test_groups(data.train, data.test) is None
-    assert data.notes[1] == "test groups: none of the 2 is a train group (unseen groups)"
+    assert data.notes[1] == "test groups that are train groups: 0 of 2 (unseen groups)"
 
 
 def test_a_data_list_split_column_takes_words_or_numbers(tmp_path):
@@ -144,7 +145,7 @@ def test_files_that_are_not_images_are_skipped_and_counted(split_folders, tmp_pa
     (folder / "train" / "dog" / ".ipynb_checkpoints" / "x.png").write_bytes(b"not an image")
     data = load(folder, tmp_path)
     assert len(data.train.files) == 90 and data.train.groups == ["cat", "dog", "émeu 3"]
-    assert "skipped 5 entries that are not images" in data.notes[2]
+    assert data.notes[2].startswith("skipped, as not images in a group folder: 5 (")
 
 
 def test_nested_folders_count_as_their_groups_images(split_folders, tmp_path):
