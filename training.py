@@ -365,7 +365,7 @@ def tensorboard_sources(test: data_loader.ImageSplit, device: torch.device) -> t
     takes them)."""
     groups = list(range(min(GRID_GROUPS, len(test.groups))))
     index = torch.cat([torch.arange(RECONSTRUCTED), reference_indices(test.labels, groups, "fixed", None)])
-    images = data_loader.as_float(test.images[index], device)
+    images = data_loader.to_float(test.images[index], device)
     return images[:RECONSTRUCTED], images[RECONSTRUCTED:]
 
 
