@@ -19,6 +19,7 @@ on the device. docs/data.md describes the layouts, the cache and the flags. Exam
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gzip
 import hashlib
@@ -165,6 +166,8 @@ def load_split(data_dir: str | Path, split: str, dataset: str = "mnist",
 def to_float(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """uint8 images (a batch, or a whole split) as float32 in [0, 1] on `device`: moved first, so
     that only the uint8 bytes cross to the device, then converted there."""
+    if images.is_floating_point():  # already converted (an evaluation's split)
+        return images.to(device)
     return images.to(device).float().div_(255.0)
 
 
@@ -220,8 +223,6 @@ class DataSpec:
 
 def _positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
-    import argparse
-
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return int(text)

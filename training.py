@@ -435,10 +435,10 @@ def train(args: argparse.Namespace) -> Path:
     device = args.device
     threads, why = pick_threads(args.threads)
     torch.set_num_threads(threads)
+    batches, data = training_data(args, device)  # prints the data's notes first
     print(f"{args.run_name}: {device}, {threads} CPU thread{'s' * (threads > 1)} ({why})", flush=True)
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    batches, data = training_data(args, device)
     encoder, decoder = (net.to(device) for net in build_networks(args.arch, args.style_dim, args.class_dim,
                                                                   args.likelihood, tuple(args.image_shape)))
     optimizer = make_optimizer(encoder, decoder, args)

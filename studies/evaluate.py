@@ -36,17 +36,16 @@ import torch
 from tqdm import tqdm
 
 import data_loader
-from evaluation import (Posteriors, batch_order, classifier_protocol, default_judge_path, encode,
-                        latent_accuracies, load_pixel_classifier)
+import training
+from evaluation import Posteriors, classifier_protocol, default_judge_path, encode, latent_accuracies, load_pixel_classifier
 from runs import (ModelSettings, add_model_arguments, check_writable, device_and_models, read_log, reports_errors,
                   script_parser, write_text_atomic)
 from studies.group_size import GROUP_SIZES, accuracy_by_group_size
 from studies.swap_score import swap_scores
-from utils import accumulate_group_evidence, group_index, latent_layer, reconstruction_loss, training_groups
+from utils import accumulate_group_evidence, reconstruction_loss
 
 ITERATIONS = 20000  # classifier steps, the same for every run (classifier.py's default; the reference: 100000)
 PROTOCOLS = [(latents, evidence) for latents in ("sampled", "means") for evidence in ("no_evidence", "with_evidence")]
-TRAINING_BATCH = 256  # the training batch, within which a digit's images form a group
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,36 +67,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_arguments(settings: ModelSettings) -> argparse.Namespace:
+    """training.py's flags of the run: its args.json over training.py's defaults, with the model
+    settings resolved for this evaluation (weights without args.json train nothing else)."""
+    args = training.build_parser().parse_args([])
+    args_path = settings.encoder_path.parent / "args.json"
+    if settings.encoder_path.name == "encoder.pt" and args_path.is_file():
+        vars(args).update(json.loads(args_path.read_text()))
+    args.eps_std, args.likelihood = settings.eps_std, settings.likelihood
+    return args
+
+
 @torch.no_grad()
 def loss_terms(encoder: torch.nn.Module, decoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                likelihood: str, eps_std: float, generator: torch.Generator) -> dict[str, float]:
-    """The loss terms on a split, each summed and divided by (images * values per image, 784 on MNIST)
-    as training.py logs them.
+               run: argparse.Namespace, generator: torch.Generator) -> dict[str, float | None]:
+    """The loss terms on a split, per value of an image (784 on MNIST) as training.py logs them.
 
-    posterior_means: reconstruction from the style mean and the image's own class mean.
-    sampled: the training's latent layer (utils.latent_layer) on random batches of 256 grouped by
-    label; style_kl and class_kl come from the same pass, the class KL counted once per group (the paper).
+    posterior_means: reconstruction from the style mean and the image's own class mean, over the split.
+    sampled: training.compute_losses, the training step's own loss with the run's objective flags, on
+    the run's batches of the split (data_loader.Batches: random batches grouped by label, or
+    group-balanced ones); style_kl and class_kl come from the same pass.
     means_with_evidence: the same batches, from the style mean and the group's fused class mean.
+    The noise is drawn once for the whole pass, style rows then one class row per (batch, group)
+    present, and handed to each batch; None where the split cannot fill one batch.
     """
     x = images.reshape(len(images), -1)
-    pixels = x.shape[1]
     style_mu, style_logvar, class_mu, class_logvar = encode(encoder, x)
     logits, pixel_logvar = decoder.logits(style_mu, class_mu)
-    means = reconstruction_loss(x, logits, pixel_logvar, likelihood)
-    order = batch_order(len(x), TRAINING_BATCH, generator)
-    groups = training_groups(labels[order], batch_size=TRAINING_BATCH)
-    style_z, class_z, style_kl, class_kl = latent_layer(
-        style_mu[order], style_logvar[order], class_mu[order], class_logvar[order], groups, eps_std,
-        generator=generator, index=group_index(groups))
-    logits, pixel_logvar = decoder.logits(style_z, class_z)
-    sampled = reconstruction_loss(x[order], logits, pixel_logvar, likelihood)
-    group_mu, _ = accumulate_group_evidence(class_mu[order], class_logvar[order], groups)
-    logits, pixel_logvar = decoder.logits(style_mu[order], group_mu)
-    fused = reconstruction_loss(x[order], logits, pixel_logvar, likelihood)
-    sampled_pixels = len(order) * pixels  # whole batches only, as in training
-    return {"posterior_means": means.item() / (len(x) * pixels), "sampled": sampled.item() / sampled_pixels,
-            "means_with_evidence": fused.item() / sampled_pixels,
-            "style_kl": style_kl.item() / sampled_pixels, "class_kl": class_kl.item() / sampled_pixels}
+    losses = {"posterior_means": reconstruction_loss(x, logits, pixel_logvar, run.likelihood).item() / x.numel(),
+              "batch_size": run.batch_size}
+    batches = data_loader.Batches(data_loader.ImageSplit(images, labels, [""] * (int(labels.max()) + 1)),
+                                  run.batch_size, images.device, run.groups_per_batch, run.images_per_group,
+                                  run.group_size)
+    if batches.steps_per_epoch == 0:
+        return {**losses, "sampled": None, "means_with_evidence": None, "style_kl": None, "class_kl": None}
+    order = batches.epoch_order(generator)[: batches.steps_per_epoch * run.batch_size]
+    steps = [batches.batch(order, step) for step in range(batches.steps_per_epoch)]
+    style_eps = torch.randn(len(order), run.style_dim, generator=generator, device=x.device)
+    present = torch.cat([step * batches.num_groups + groups for step, (_, groups) in enumerate(steps)]).unique()
+    class_eps = torch.zeros(batches.steps_per_epoch * batches.num_groups, run.class_dim, device=x.device)
+    class_eps[present] = torch.randn(len(present), run.class_dim, generator=generator, device=x.device)
+    terms, fused = torch.zeros(3, device=x.device), 0.0
+    for step, (batch_x, groups) in enumerate(steps):
+        rows = slice(step * run.batch_size, (step + 1) * run.batch_size)
+        noise = (style_eps[rows], class_eps[step * batches.num_groups:(step + 1) * batches.num_groups])
+        terms += training.compute_losses(encoder, decoder, batch_x, groups, noise, run)
+        group_mu, _ = accumulate_group_evidence(class_mu[order[rows]], class_logvar[order[rows]], groups)
+        logits, pixel_logvar = decoder.logits(style_mu[order[rows]], group_mu)
+        fused += reconstruction_loss(batch_x.reshape(len(batch_x), -1), logits, pixel_logvar, run.likelihood).item()
+    sampled, style_kl, class_kl = (terms / len(steps)).tolist()
+    return {**losses, "sampled": sampled, "means_with_evidence": fused / order.numel() / x.shape[1],
+            "style_kl": style_kl, "class_kl": class_kl}
 
 
 def latent_classifier_results(train: tuple[Posteriors, torch.Tensor], test: tuple[Posteriors, torch.Tensor],
@@ -134,23 +154,30 @@ def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.M
         print(note)
     pixel_classifier = load_pixel_classifier(args.pixel_classifier or default_judge_path(settings.data), device,
                                              tuple(settings.image_shape))
+    # K-image fusion draws K distinct images of a group: folder data's small groups bound K.
+    smallest = int(torch.bincount(test_y)[test_y.unique()].min())
+    group_sizes = [k for k in args.group_sizes if k <= smallest]
+    evidence_size = min(args.evidence_size, smallest)
+    if group_sizes != args.group_sizes or evidence_size != args.evidence_size:
+        print(f"note: the smallest held-out group has {smallest} images: K = {group_sizes}, swap evidence "
+              f"{evidence_size} images")
     train, test = (encode(encoder, train_x), train_y), (encode(encoder, test_x), test_y)
     bar = tqdm(total=len(PROTOCOLS) + 3, unit="stage", disable=args.no_progress, dynamic_ncols=True)
     classifiers, mlp = latent_classifier_results(train, test, args, settings.eps_std, bar)
 
     bar.set_description("class code, K images fused")
-    group_size = {"group_sizes": args.group_sizes, **accuracy_by_group_size(
-        train[0][2], train_y, test[0][2], test[0][3], test_y, mlp, args.group_sizes,
+    group_size = {"group_sizes": group_sizes, **accuracy_by_group_size(
+        train[0][2], train_y, test[0][2], test[0][3], test_y, mlp, group_sizes,
         torch.Generator().manual_seed(args.seed))}
     bar.update()
 
     bar.set_description("swap score")
     swap = swap_scores(encoder, decoder, pixel_classifier, test_x, test_y, min(args.num_styles, len(test_y)),
-                       args.evidence_size, torch.Generator().manual_seed(args.seed))
+                       evidence_size, torch.Generator().manual_seed(args.seed))
     bar.update()
 
     bar.set_description("test loss")
-    losses = loss_terms(encoder, decoder, test_x, test_y, settings.likelihood, settings.eps_std,
+    losses = loss_terms(encoder, decoder, test_x, test_y, run_arguments(settings),
                          torch.Generator(device=device).manual_seed(args.seed))
     bar.update()
     bar.close()
@@ -171,8 +198,8 @@ def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.M
         "epochs_trained": int(log[-1]["epoch"]) if log else None,
         "evaluation": {"split": "test", "classifier_iterations": args.iterations,
                        "classifier_batch_size": args.batch_size, "classifier_lr": args.lr, "seed": args.seed,
-                       "group_sizes": args.group_sizes, "swap_num_styles": args.num_styles,
-                       "swap_evidence_size": args.evidence_size, "loss_batch_size": TRAINING_BATCH},
+                       "group_sizes": group_sizes, "swap_num_styles": min(args.num_styles, len(test_y)),
+                       "swap_evidence_size": evidence_size, "loss_batch_size": losses.pop("batch_size")},
         "latent_classifier": classifiers,
         "group_size": group_size,
         "swap_score": swap,
