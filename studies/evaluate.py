@@ -10,7 +10,8 @@ On the test split, with the run's own eps std:
   logistic, kNN, and the MLP trained on posterior means above);
 - swap score without and with evidence (studies.swap_score);
 - the loss terms on the test split, per pixel as training.py logs them: reconstruction from the
-  posterior means and from the training's sampled latent layer, style and class KL;
+  posterior means, and the training step's own loss (training.compute_losses, with the run's batches
+  and objective flags): reconstruction from the sampled latent layer, style and class KL;
 - the run's training arguments, the evaluation's settings, the command and its wall time.
 
     python -m studies.evaluate --checkpoint-dir checkpoints/mlvae_eps0.1 --json out/eval_mlvae_eps0.1.json
@@ -37,7 +38,8 @@ from tqdm import tqdm
 
 import data_loader
 import training
-from evaluation import Posteriors, classifier_protocol, default_judge_path, encode, latent_accuracies, load_pixel_classifier
+from evaluation import (Posteriors, classifier_protocol, default_judge_path, encode, latent_accuracies,
+                        load_pixel_classifier)
 from runs import (ModelSettings, add_model_arguments, check_writable, device_and_models, read_log, reports_errors,
                   script_parser, write_text_atomic)
 from studies.group_size import GROUP_SIZES, accuracy_by_group_size

@@ -94,15 +94,17 @@ def main(argv: list[str] | None = None) -> dict:
     (train_x, train_y), (test_x, test_y), note = data_loader.evaluation_splits(settings.data, args.split, device)
     if note:
         print(note)
-    if len(train_y) < MLP_BATCH:
-        raise UserError(f"the {len(train_y)} training images cannot fill one batch of {MLP_BATCH} of the MLP probe")
+    # A set smaller than the recipe's batch (small folder data) trains the probe on batches of all of it.
+    mlp_batch = min(MLP_BATCH, len(train_y))
+    if mlp_batch < 2:
+        raise UserError(f"the {len(train_y)} training images cannot fill one batch of 2 of the MLP probe (BatchNorm)")
     check_label_counts(test_y, sorted(set(test_y.tolist())), max(args.group_sizes), f"{settings.dataset} {args.split}",
                        "--group-sizes")
     train_posteriors = encode(encoder, train_x)
     _, _, test_mu, test_logvar = encode(encoder, test_x)
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    _, mlp = train_latent_classifiers(train_posteriors, train_y, iterations=args.mlp_steps, batch_size=MLP_BATCH, lr=1e-4,
+    _, mlp = train_latent_classifiers(train_posteriors, train_y, iterations=args.mlp_steps, batch_size=mlp_batch, lr=1e-4,
                                       evidence=False, eps_std=settings.eps_std, sampled=False, generator=generator,
                                       progress=False)
     accuracies = accuracy_by_group_size(train_posteriors[2], train_y, test_mu, test_logvar, test_y, mlp,
