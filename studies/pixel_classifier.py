@@ -2,7 +2,7 @@
 
     python -m studies.pixel_classifier --out out/pixel_classifier_mnist.pt
     python -m studies.pixel_classifier --dataset fashion-mnist --out out/pixel_classifier_fashion-mnist.pt
-    python -m studies.pixel_classifier --dataset folder --data-dir data/identities   # judge of a folder's groups
+    python -m studies.pixel_classifier --dataset folder --data-dir data/identities --out out/judge_identities.pt
 
 The default --out, checkpoints/pixel_classifier_<dataset>.pt, holds the shipped classifier that
 studies/swap_score.py reads (out/pixel_classifier_folder_<data folder name>.pt for folder data);
