@@ -189,8 +189,26 @@ def take_saved_settings(parser: argparse.ArgumentParser, args: argparse.Namespac
     if changed:
         parser.error("--resume: the saved run used other settings: " + ", ".join(changed)
                      + "; leave these flags out to keep the saved ones")
+    check_random_state(parser, args, state)
     for key in vars(args).keys() - given - INVOCATION_FLAGS - {"run_dir"}:
         setattr(args, key, saved[key])
+
+
+def check_random_state(parser: argparse.ArgumentParser, args: argparse.Namespace, state: dict) -> None:
+    """For --resume: refuse a device whose random generator cannot take the saved state. A CPU generator
+    (Mersenne Twister, 5056 bytes of state) and a CUDA one (Philox, 16 bytes) draw different streams, so
+    the batch order and the noise still to come continue only on the kind of device they were saved on."""
+    try:
+        torch.Generator(device=args.device).set_state(state["generator"])
+    except RuntimeError:
+        cpu_state = len(state["generator"]) == len(torch.Generator().get_state())
+        kind = "cpu" if cpu_state else "cuda"
+        saved = str(state["args"].get("device", kind))
+        saved = saved if saved.startswith(kind) else kind
+        where = " on a machine with CUDA" if kind == "cuda" and not torch.cuda.is_available() else ""
+        parser.error(f"--resume: {args.run_dir} was saved on {saved}, and its random state (the batch order and "
+                     f"the noise still to come) continues only on a {kind} device, not on {args.device}; "
+                     f"resume it with --device {saved}{where}")
 
 
 def compute_losses(encoder: Encoder, decoder: Decoder, x: torch.Tensor, groups: torch.Tensor,

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import training
 from networks import Decoder, Encoder
-from runs import RUN_FILES, STATE_FILE, stale_files
+from runs import RUN_FILES, STATE_FILE, read_run_state, stale_files, write_run
 
 SMALL = ["--num-train", "512", "--batch-size", "64", "--no-progress"]
 
@@ -236,3 +237,20 @@ def test_classes_flag_trains_only_on_those_labels(tmp_path, monkeypatch):
     run_dir = run(tmp_path, "--epochs", "1", "--classes", "0", "1", "7")
     assert run_dir.name == "mlvae_eps0.1_classes017"
     assert set(torch.cat(seen).tolist()) == {0, 1, 7}
+
+
+def test_resume_on_a_device_whose_generator_cannot_take_the_saved_random_state_is_refused(tiny_run, tmp_path,
+                                                                                       start_script):
+    # A CUDA generator's state is 16 bytes (seed and offset), a CPU generator's 5056: a run saved on a GPU.
+    run_dir = tmp_path / "ck" / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    write_run(run_dir, {**read_run_state(run_dir), "generator": torch.zeros(16, dtype=torch.uint8)})
+    saved = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    process = start_script("training", "--checkpoint-dir", tmp_path / "ck", "--run-name", "tiny", "--resume",
+                           "--epochs", "2", "--device", "cpu", "--log-dir", tmp_path / "runs", "--no-progress")
+    assert process.wait() == 2
+    [line] = process.stderr.splitlines()
+    assert line.startswith(f"error: --resume: {run_dir} was saved on cuda") and line.endswith("--device cuda" + (
+        "" if torch.cuda.is_available() else " on a machine with CUDA")), line
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == saved
+    assert not (tmp_path / "runs").exists()
