@@ -271,6 +271,7 @@ class ModelSettings:
     encoder_path: Path
     decoder_path: Path
     state: dict | None = field(default=None, repr=False)  # the run's training_state.pt, when it has one
+    trained: dict = field(default_factory=dict, repr=False)  # the run's args.json; {} for weights without one
 
     @property
     def name(self) -> str:
@@ -332,7 +333,8 @@ def add_split_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=EVALUATION_SPLITS, default="test",
                         help=f"test: fit on the train split, report the test split; validation: fit on train "
                              f"images [0, {start}), report train images [{start}, end) as 'test' (for "
-                             f"choosing settings; train the model with --num-train {start})")
+                             f"choosing settings; refused for a model whose args.json does not show that it "
+                             f"trained on none of them: train it with --num-train {start})")
 
 
 def read_json(path: Path) -> dict:
@@ -361,7 +363,54 @@ def resolve_settings(args: argparse.Namespace) -> ModelSettings:
     for key, default in MODEL_DEFAULTS.items():
         given = getattr(args, key)
         values[key] = given if given is not None else saved.get(key, default)
-    return ModelSettings(**values, encoder_path=encoder_path, decoder_path=decoder_path, state=state)
+    return ModelSettings(**values, encoder_path=encoder_path, decoder_path=decoder_path, state=state, trained=saved)
+
+
+# What training.py --num-train counts: the first N images of the train split, of which --classes then
+# keeps its labels. Runs saved before args.json recorded `num_train_of` counted N among the images of
+# --classes instead, so that their N images could reach past the start of the validation split.
+NUM_TRAIN_OF = "split"
+NUM_TRAIN_OF_BEFORE = "classes"
+
+
+def training_selection(images: torch.Tensor, labels: torch.Tensor, num_train: int | None,
+                       classes: list[int] | None, num_train_of: str = NUM_TRAIN_OF
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of the train split that a run with these settings trains on, in split
+    order: the first `num_train` (all when None), of which those with a label in `classes` (all when
+    None); with num_train_of=NUM_TRAIN_OF_BEFORE, the first `num_train` of those of `classes`."""
+    if num_train is not None and num_train_of == NUM_TRAIN_OF:
+        images, labels = images[:num_train], labels[:num_train]
+    if classes is not None:
+        keep = torch.isin(labels, torch.tensor(classes, device=labels.device))
+        images, labels = images[keep], labels[keep]
+    if num_train is not None and num_train_of == NUM_TRAIN_OF_BEFORE:
+        images, labels = images[:num_train], labels[:num_train]
+    return images, labels
+
+
+def check_validation_unseen(settings: ModelSettings, train_labels: torch.Tensor) -> None:
+    """Raise UserError unless the model never trained on a validation image (train images
+    [VALIDATION_START, end) of the data set it is evaluated on), as its args.json records; weights
+    without an args.json do not say, and are refused too. `train_labels`: those of the whole train split."""
+    run = settings.encoder_path.parent
+    instead = (f"pass --split test, or choose settings with a model trained by training.py with --num-train "
+               f"{VALIDATION_START} (its first {VALIDATION_START} train images)")
+    trained = settings.trained
+    if not trained:
+        raise UserError(f"--split validation: {run} has no args.json to say which images {settings.encoder_path.name} "
+                        f"trained on, so its validation images may have been among them; {instead}")
+    if trained.get("dataset", MODEL_DEFAULTS["dataset"]) != settings.dataset:
+        return  # trained on another data set: it saw none of these images
+    num_train, classes = trained.get("num_train"), trained.get("classes")
+    seen, _ = training_selection(torch.arange(len(train_labels), device=train_labels.device), train_labels,
+                                 num_train, classes, trained.get("num_train_of", NUM_TRAIN_OF_BEFORE))
+    if len(seen) and int(seen.max()) >= VALIDATION_START:
+        limit = f"--num-train {num_train}" if num_train is not None else "no --num-train"
+        of_classes = "" if classes is None else f" of --classes {' '.join(map(str, classes))}"
+        raise UserError(f"--split validation: {run} trained on {settings.dataset} train images{of_classes} up to "
+                        f"index {int(seen.max())} ({limit} in its args.json), so it saw validation images (train "
+                        f"images {VALIDATION_START} on) and their scores would measure training images; {instead}")
 
 
 def _read_state_dict(path: Path, device: torch.device) -> dict:

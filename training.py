@@ -33,15 +33,18 @@ import data_loader
 from evaluation import encode
 from grids import grid_image, reference_indices, swap_cells
 from networks import ARCHS, LIKELIHOODS, PIXELS, Decoder, Encoder, build_networks
-from runs import (BETA, LOG_FIELDS, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, RUN_FILES,
-                  STATE_FILE, Bounded, UserError, check_writable, fail, folder_name, pick_device, pick_threads,
-                  read_log, read_run_state, reports_errors, script_parser, write_run)
+from runs import (BETA, LOG_FIELDS, NONNEGATIVE, NONNEGATIVE_INT, NUM_TRAIN_OF, NUM_TRAIN_OF_BEFORE, POSITIVE,
+                  POSITIVE_INT, RUN_FILES, STATE_FILE, Bounded, UserError, check_writable, fail, folder_name,
+                  pick_device, pick_threads, read_log, read_run_state, reports_errors, script_parser,
+                  training_selection, write_run)
 from utils import group_index, latent_layer, num_training_groups, reconstruction_loss, training_groups
 
 # Settings that define the model and its objective: a resumed run must keep them.
 RUN_SETTINGS = ("dataset", "arch", "style_dim", "class_dim", "likelihood", "eps_std", "detach_class_posterior",
                 "class_kl_per_sample", "reconstruction_coef", "kl_coef", "style_kl_coef", "group_size",
-                "batch_size", "lr", "beta1", "beta2", "num_train", "classes", "seed", "precision")
+                "batch_size", "lr", "beta1", "beta2", "num_train", "num_train_of", "classes", "seed", "precision")
+# Settings that runs saved before args.json recorded them ran with another value than today's default.
+SAVED_BEFORE = {"num_train_of": NUM_TRAIN_OF_BEFORE}
 PROGRESS_EVERY = 25  # steps between progress-bar updates and NaN checks (each one syncs the device)
 NUM_CLASSES = 10  # the labels of both datasets lie in [0, 10): the size of the fixed group index
 RECONSTRUCTED = 10  # tensorboard shows the first this many test images above their reconstructions
@@ -81,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", choices=sorted(data_loader.DATASETS), default="mnist", help="training data")
     add("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
     add("--num-train", type=POSITIVE_INT, default=None,
-        help="use only the first N training images (of those of --classes; default: all)")
+        help=f"use only the first N images of the train split, --classes then picks its labels among them "
+             f"({data_loader.VALIDATION_START} leaves the validation images unseen; default: all)")
     add("--classes", type=int, nargs="+", choices=range(10), metavar="LABEL", default=None,
         help="train only on images of these labels, e.g. 0 1 2 3 4 5 6 7 to hold digits 8 and 9 out")
     add("--seed", type=int, default=0, help="seed of the weights, the batch order and the noise")
@@ -108,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--image-every", type=NONNEGATIVE_INT, default=5,
         help="epochs between tensorboard reconstructions and swap grids (0: none)")
     add("--no-progress", action="store_true", help="no progress bars (for logs and tests)")
+    parser.set_defaults(num_train_of=NUM_TRAIN_OF)  # recorded in args.json: what --num-train counts (runs.py)
     return parser
 
 
@@ -182,8 +187,8 @@ def take_saved_settings(parser: argparse.ArgumentParser, args: argparse.Namespac
         what = ("it is a run without training state (a shipped one keeps only its weights and log); choose "
                 "another --run-name to train a new run" if present else "start the run without --resume")
         parser.error(f"--resume: {args.run_dir} holds no {STATE_FILE} to continue from; {what}")
-    # Runs saved before a setting existed ran with its default.
-    saved = {key: state["args"].get(key, parser.get_default(key)) for key in vars(args)}
+    # Runs saved before a setting existed ran with its default, but those of SAVED_BEFORE.
+    saved = {key: state["args"].get(key, SAVED_BEFORE.get(key, parser.get_default(key))) for key in vars(args)}
     changed = [f"--{key.replace('_', '-')} (saved {saved[key]}, given {getattr(args, key)})"
                for key in RUN_SETTINGS if key in given and saved[key] != getattr(args, key)]
     if changed:
@@ -378,22 +383,21 @@ def write_step_losses(writer, pending: list[tuple[int, torch.Tensor]]) -> None:
 
 
 def training_data(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training images [N, 784] and labels [N] that --classes and --num-train select; UserError when
-    they are fewer than asked for or cannot fill one batch."""
+    """The training images [N, 784] and labels [N] that --num-train and --classes select
+    (runs.training_selection); UserError when they are fewer than asked for or cannot fill one batch."""
     images, labels = data_loader.load_split(args.data_dir, "train", args.dataset, device=device)
+    if args.num_train is not None and args.num_train_of == NUM_TRAIN_OF and args.num_train > len(labels):
+        raise UserError(f"--num-train {args.num_train} exceeds the {len(labels)} {args.dataset} training images; "
+                        f"pass at most {len(labels)}, or leave it out to use them all")
+    images, labels = training_selection(images, labels, args.num_train, args.classes, args.num_train_of)
     selected = ""
     if args.classes is not None:
-        keep = torch.isin(labels, torch.tensor(args.classes, device=device))
-        images, labels = images[keep], labels[keep]
+        among = (f" among the first {args.num_train} (--num-train {args.num_train})"
+                 if args.num_train is not None and args.num_train_of == NUM_TRAIN_OF else "")
         missing = sorted(set(args.classes) - set(labels.unique().tolist()))
         if missing:
-            raise UserError(f"--classes: no {args.dataset} training image has the label(s) {missing}")
-        selected = f" of --classes {' '.join(map(str, args.classes))}"
-    if args.num_train is not None:
-        if args.num_train > len(labels):
-            raise UserError(f"--num-train {args.num_train} exceeds the {len(labels)} {args.dataset} training images"
-                            f"{selected}; pass at most {len(labels)}, or leave it out to use them all")
-        images, labels = images[: args.num_train], labels[: args.num_train]
+            raise UserError(f"--classes: no {args.dataset} training image{among} has the label(s) {missing}")
+        selected = f" of --classes {' '.join(map(str, args.classes))}{among}"
     if len(labels) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(labels)} training images{selected}; "
                         "pass a smaller one")

@@ -26,8 +26,8 @@ from sklearn.neighbors import KNeighborsClassifier
 import data_loader
 from evaluation import draw_evidence_sets, encode, predict, train_latent_classifiers
 from runs import (PLOT_SUFFIXES, POSITIVE_INT, UserError, add_model_arguments, add_split_argument, check_finite,
-                  check_label_counts, check_writable, device_and_models, read_json, reports_errors, save_figure,
-                  script_parser, write_text_atomic)
+                  check_label_counts, check_validation_unseen, check_writable, device_and_models, read_json,
+                  reports_errors, save_figure, script_parser, write_text_atomic)
 from utils import fused_means
 
 GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     device, encoder, _, settings = device_and_models(parser, args)
     (train_x, train_y), (test_x, test_y) = data_loader.evaluation_splits(args.data_dir, settings.dataset,
                                                                          args.split, device)
+    if args.split == "validation":
+        check_validation_unseen(settings, torch.cat([train_y, test_y]))
     if len(train_y) < MLP_BATCH:
         raise UserError(f"the {len(train_y)} training images cannot fill one batch of {MLP_BATCH} of the MLP probe")
     check_label_counts(test_y, sorted(set(test_y.tolist())), max(args.group_sizes), f"{settings.dataset} {args.split}",

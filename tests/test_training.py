@@ -254,3 +254,39 @@ def test_resume_on_a_device_whose_generator_cannot_take_the_saved_random_state_i
         "" if torch.cuda.is_available() else " on a machine with CUDA")), line
     assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == saved
     assert not (tmp_path / "runs").exists()
+
+
+def recorded_batches(monkeypatch) -> list[torch.Tensor]:
+    """The images of every training step from now on (train_step wrapped)."""
+    seen = []
+    original_step = training.train_step
+
+    def recording_step(encoder, decoder, optimizer, x, *rest):
+        seen.append(x)
+        return original_step(encoder, decoder, optimizer, x, *rest)
+
+    monkeypatch.setattr(training, "train_step", recording_step)
+    return seen
+
+
+def test_num_train_takes_the_first_images_of_the_train_split_and_classes_picks_among_them(tmp_path, monkeypatch):
+    images, labels = training.data_loader.load_split("data", "train")
+    first = images[:1200].flatten(1)[torch.isin(labels[:1200], torch.tensor([0, 1]))]  # 255 images
+    seen = recorded_batches(monkeypatch)
+    run(tmp_path, "--epochs", "1", "--classes", "0", "1", "--num-train", "1200", "--run-name", "r")
+    assert len(seen) == len(first) // 64  # not the 1200 // 64 of the first 1200 images of digits 0 and 1
+    trained = torch.cat(seen)
+    assert (trained.unsqueeze(1) == first.unsqueeze(0)).all(2).any(1).all()
+
+
+def test_resume_of_a_run_saved_before_num_train_of_was_recorded_keeps_counting_among_its_classes(tmp_path,
+                                                                                               monkeypatch):
+    run_dir = run(tmp_path, "--epochs", "1", "--classes", "0", "1", "--num-train", "1200", "--run-name", "r")
+    state = read_run_state(run_dir)
+    old_args = {key: value for key, value in state["args"].items() if key != "num_train_of"}
+    write_run(run_dir, {**state, "args": old_args})  # as saved when --num-train counted images of --classes
+    seen = recorded_batches(monkeypatch)
+    training.main(["--epochs", "2", "--run-name", "r", "--resume", "--checkpoint-dir", str(tmp_path / "ck"),
+                   "--log-dir", str(tmp_path / "runs"), "--no-progress"])
+    assert len(seen) == 1200 // 64
+    assert json.loads((run_dir / "args.json").read_text())["num_train_of"] == "classes"
