@@ -290,3 +290,11 @@ def test_resume_of_a_run_saved_before_num_train_of_was_recorded_keeps_counting_a
                    "--log-dir", str(tmp_path / "runs"), "--no-progress"])
     assert len(seen) == 1200 // 64
     assert json.loads((run_dir / "args.json").read_text())["num_train_of"] == "classes"
+
+
+@pytest.mark.parametrize("flags", [["--classes", "0", "1"], ["--group-size", "5"]])
+def test_a_run_with_empty_group_slots_trains_under_anomaly_detection(tmp_path, flags):
+    # Both leave slots of the fixed-size group index empty at every step.
+    with torch.autograd.detect_anomaly():
+        run_dir = run(tmp_path, "--epochs", "1", "--num-train", "1200", "--run-name", "r", *flags)
+    assert [row["epoch"] for row in read_rows(run_dir)] == ["1"]
