@@ -12,8 +12,8 @@ the decoder rebuilds every image from its own style sample and its group's class
 Writes out/<run-name>/{encoder.pt, decoder.pt, args.json, log.csv, training_state.pt} (the shipped
 runs in checkpoints/ are never touched unless --checkpoint-dir points there) and tensorboard logs
 under runs/<run-name>. A folder that holds a run is written into only with --resume or --overwrite.
-Ctrl-C saves and exits; `--resume` with the same --run-name continues a run stopped or killed at any
-instant, which loses at most the epochs since its last save (--save-every).
+Ctrl-C or SIGTERM saves and exits (status 130 or 143); `--resume` with the same --run-name continues a run
+stopped or killed at any instant, which loses at most the epochs since its last save (--save-every).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch.optim.adam import adam
@@ -333,21 +334,40 @@ def save_run(args: argparse.Namespace, encoder: Encoder, decoder: Decoder, optim
 
 
 class StopRequest:
-    """Turns the first Ctrl-C into a flag checked between steps, so a step is never cut in half."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (what `kill`, SLURM and Kubernetes send before they kill
+    a job) into a flag checked between steps, so that a step is never cut in half and the run is saved;
+    a second signal acts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signum = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> "StopRequest":
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C interrupts at once
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        self._restore()
+
+    def exit_saved(self, where: str, resume: str) -> NoReturn:
+        """After the save: say so and exit with status 128 + the signal's number (130 for Ctrl-C, 143 for
+        SIGTERM), as a process ended by that signal does, so that a caller sees the run is not finished."""
+        print(f"\nStopped by {signal.Signals(self.signum).name}: saved {where}; continue with {resume}",
+              file=sys.stderr, flush=True)
+        sys.exit(128 + self.signum)
 
 
 def tensorboard_sources(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,9 +509,8 @@ def train(args: argparse.Namespace) -> Path:
                 if stop.requested and step + 1 < steps_per_epoch:
                     write_step_losses(writer, pending)
                     save(epoch, step + 1, perm, totals)
-                    print(f"\nInterrupted: saved {args.run_dir} at epoch {epoch + 1}, step {step + 1}; "
-                          "continue with the same command plus --resume", file=sys.stderr)
-                    return args.run_dir
+                    stop.exit_saved(f"{args.run_dir} at epoch {epoch + 1}, step {step + 1}",
+                                    "the same command plus --resume")
             steps_bar.close()
             rate = (steps_per_epoch - start_step) * args.batch_size / (time.perf_counter() - start)
             means = (totals / steps_per_epoch).tolist()
@@ -509,9 +528,7 @@ def train(args: argparse.Namespace) -> Path:
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or stop.requested:
                 save(epoch + 1, 0, None, None)
             if stop.requested:
-                print(f"\nInterrupted: saved {args.run_dir} after epoch {epoch + 1}; "
-                      "continue with the same command plus --resume", file=sys.stderr)
-                return args.run_dir
+                stop.exit_saved(f"{args.run_dir} after epoch {epoch + 1}", "the same command plus --resume")
     print(f"Saved to {args.run_dir}")
     return args.run_dir
 

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import pytest
 import torch
@@ -97,9 +98,11 @@ def ctrl_c_runs(tmp_path_factory):
             os.kill(os.getpid(), signal.SIGINT)
         return original_step(*args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises(SystemExit) as exit_info:
         monkeypatch.setattr(training, "train_step", interrupting_step)
-        interrupted = run(tmp_path, "--epochs", "3", "--run-name", "split")
+        run(tmp_path, "--epochs", "3", "--run-name", "split")
+    assert exit_info.value.code == 128 + signal.SIGINT
+    interrupted = tmp_path / "ck" / "split"
     state = torch.load(interrupted / "training_state.pt", weights_only=True)
     run(tmp_path, "--epochs", "3", "--run-name", "split", "--resume")
     return straight, interrupted, state
@@ -298,3 +301,30 @@ def test_a_run_with_empty_group_slots_trains_under_anomaly_detection(tmp_path, f
     with torch.autograd.detect_anomaly():
         run_dir = run(tmp_path, "--epochs", "1", "--num-train", "1200", "--run-name", "r", *flags)
     assert [row["epoch"] for row in read_rows(run_dir)] == ["1"]
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (Linux: the SigCgt mask in /proc)."""
+    status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return bool(int(status["SigCgt"], 16) >> (signum - 1) & 1)
+
+
+def test_sigterm_saves_and_exits_143_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_data, start_script):
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc to see when the run's signal handler is installed")
+    common = ["--num-train", "512", "--batch-size", "64", "--data-dir", tiny_data, "--checkpoint-dir", tmp_path / "ck",
+              "--log-dir", tmp_path / "runs", "--image-every", "0", "--no-progress"]
+    process = start_script("training", *common, "--run-name", "term", "--epochs", "1000", "--save-every", "1000")
+    while process.process.is_alive() and not catches(process.process.pid, signal.SIGTERM):
+        time.sleep(0.01)
+    time.sleep(0.5)  # some steps
+    os.kill(process.process.pid, signal.SIGTERM)
+    assert process.wait() == 143, process.stderr
+    state = read_run_state(tmp_path / "ck" / "term")
+    assert f"Stopped by SIGTERM: saved {tmp_path / 'ck' / 'term'} " in process.stderr
+    assert 0 < state["iteration"] and state["epoch"] < 1000
+    epochs = str(state["epoch"] + 1)
+    resumed = start_script("training", *common, "--run-name", "term", "--resume", "--epochs", epochs)
+    straight = start_script("training", *common, "--run-name", "straight", "--epochs", epochs)
+    assert resumed.wait() == 0 and straight.wait() == 0, resumed.stderr + straight.stderr
+    assert_same_weights(weights(tmp_path / "ck" / "straight"), weights(tmp_path / "ck" / "term"))
