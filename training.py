@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import signal
 import sys
 import time
@@ -177,6 +178,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Flags of one invocation of a run: --resume never takes them from the saved run.
 INVOCATION_FLAGS = {"resume", "overwrite", "device", "threads", "compile", "no_progress", "checkpoint_dir",
                     "run_name", "log_dir", "data_dir"}
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues the run, in backquotes: --resume takes the run's settings from the saved
+    run, and the INVOCATION_FLAGS that differ from their defaults are repeated."""
+    defaults, words = build_parser(), ["python", "training.py"]
+    for key in ("checkpoint_dir", "run_name", "log_dir", "data_dir", "threads", "compile", "no_progress"):
+        value = getattr(args, key)
+        if key in ("checkpoint_dir", "run_name") or value != defaults.get_default(key):
+            words += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    if args.device != pick_device("auto"):
+        words += ["--device", str(args.device)]
+    return f"`{shlex.join(words + ['--resume'])}`"
 
 
 def take_saved_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str],
@@ -459,9 +473,12 @@ def train(args: argparse.Namespace) -> Path:
             return args.run_dir
     step_fn = compile_step(optimizer, device) if args.compile else optimization_step
     from tensorboardX import SummaryWriter  # imported late: it is slow to import
-    # On --resume, TensorBoard drops what the stopped run logged after its last save (at later steps).
-    writer = SummaryWriter(str(Path(args.log_dir) / args.run_name), flush_secs=30,
-                           purge_step=iteration + 1 if args.resume else None)
+    log_dir = Path(args.log_dir) / args.run_name
+    # --overwrite replaces the old run's TensorBoard events with its files, at the first save.
+    replaced_events = sorted(log_dir.glob("events.out.tfevents.*")) if args.overwrite else []
+    # TensorBoard drops what the folder logged at the steps this run logs anew: after the last save on
+    # --resume, everything for a new run (a run stopped before its first save, say).
+    writer = SummaryWriter(str(log_dir), flush_secs=30, purge_step=iteration + 1 if args.resume else 0)
     settings = json.dumps(saved_args(args), indent=1, sort_keys=True)  # as args.json holds them
     writer.add_text("settings", "\n".join("    " + line for line in settings.splitlines()), iteration)
     sources = tensorboard_sources(args, device) if args.image_every else None
@@ -473,6 +490,9 @@ def train(args: argparse.Namespace) -> Path:
                  {"epoch": at_epoch, "step": at_step, "iteration": iteration, "log": log_rows,
                   "perm": None if at_perm is None else at_perm.cpu(),
                   "totals": None if at_totals is None else at_totals.cpu()})
+        for path in replaced_events:
+            path.unlink(missing_ok=True)
+        replaced_events.clear()
 
     epochs_bar = tqdm(range(epoch, args.epochs), initial=epoch, total=args.epochs, desc=args.run_name,
                       unit="epoch", disable=args.no_progress, dynamic_ncols=True)
@@ -509,8 +529,7 @@ def train(args: argparse.Namespace) -> Path:
                 if stop.requested and step + 1 < steps_per_epoch:
                     write_step_losses(writer, pending)
                     save(epoch, step + 1, perm, totals)
-                    stop.exit_saved(f"{args.run_dir} at epoch {epoch + 1}, step {step + 1}",
-                                    "the same command plus --resume")
+                    stop.exit_saved(f"{args.run_dir} at epoch {epoch + 1}, step {step + 1}", resume_command(args))
             steps_bar.close()
             rate = (steps_per_epoch - start_step) * args.batch_size / (time.perf_counter() - start)
             means = (totals / steps_per_epoch).tolist()
@@ -528,7 +547,7 @@ def train(args: argparse.Namespace) -> Path:
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or stop.requested:
                 save(epoch + 1, 0, None, None)
             if stop.requested:
-                stop.exit_saved(f"{args.run_dir} after epoch {epoch + 1}", "the same command plus --resume")
+                stop.exit_saved(f"{args.run_dir} after epoch {epoch + 1}", resume_command(args))
     print(f"Saved to {args.run_dir}")
     return args.run_dir
 

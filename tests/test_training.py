@@ -2,6 +2,8 @@
 import csv
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import time
@@ -106,6 +108,26 @@ def ctrl_c_runs(tmp_path_factory):
     state = torch.load(interrupted / "training_state.pt", weights_only=True)
     run(tmp_path, "--epochs", "3", "--run-name", "split", "--resume")
     return straight, interrupted, state
+
+
+def test_the_command_advised_after_ctrl_c_in_an_overwrite_run_resumes_it(tmp_path, monkeypatch, capsys):
+    run(tmp_path, "--epochs", "1", "--run-name", "r")
+    original_step = training.train_step
+
+    def interrupting_step(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", interrupting_step)
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--epochs", "2", "--run-name", "r", "--overwrite", "--seed", "1")
+    monkeypatch.undo()
+    advice = capsys.readouterr().err.strip().splitlines()[-1]
+    command = shlex.split(re.search("continue with `(.*)`$", advice).group(1))
+    assert command[:2] == ["python", "training.py"] and "--overwrite" not in command
+    run_dir = training.main(command[2:])
+    assert [row["epoch"] for row in read_rows(run_dir)] == ["1", "2"]
+    assert json.loads((run_dir / "args.json").read_text())["seed"] == 1
 
 
 def test_ctrl_c_saves_in_the_middle_of_the_epoch(ctrl_c_runs):
