@@ -148,6 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     probe, not_given = build_parser(), object()  # argparse cannot tell a default from a given value
     probe.set_defaults(**dict.fromkeys(vars(args), not_given))
     given = {key for key, value in vars(probe.parse_args(argv)).items() if value is not not_given}
+    args.classes = label_set(args.classes)
     try:
         args.device = pick_device(args.device)
     except ValueError as error:
@@ -173,6 +174,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_train is not None and args.num_train < args.batch_size:
         parser.error(f"--num-train ({args.num_train}) must be at least --batch-size ({args.batch_size})")
     return args
+
+
+def label_set(classes: list[int] | None) -> list[int] | None:
+    """--classes as the set it means, sorted: `9 8` and `8 9 8` are `8 9`."""
+    return None if classes is None else sorted(set(classes))
 
 
 # Flags of one invocation of a run: --resume never takes them from the saved run.
@@ -204,6 +210,7 @@ def take_saved_settings(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--resume: {args.run_dir} holds no {STATE_FILE} to continue from; {what}")
     # Runs saved before a setting existed ran with its default, but those of SAVED_BEFORE.
     saved = {key: state["args"].get(key, SAVED_BEFORE.get(key, parser.get_default(key))) for key in vars(args)}
+    saved["classes"] = label_set(saved["classes"])  # runs saved before kept the order given
     changed = [f"--{key.replace('_', '-')} (saved {saved[key]}, given {getattr(args, key)})"
                for key in RUN_SETTINGS if key in given and saved[key] != getattr(args, key)]
     if changed:
@@ -347,6 +354,17 @@ def save_run(args: argparse.Namespace, encoder: Encoder, decoder: Decoder, optim
                              "args": saved_args(args), **position})
 
 
+def check_finite_save(encoder: Encoder, decoder: Decoder, totals: torch.Tensor | None, epoch: int, step: int) -> None:
+    """Raise TrainingDiverged unless the weights and the loss sums of the epoch so far (`totals`; None at
+    an epoch's end, whose means were checked) are finite, so that a NaN never overwrites the last good
+    save: between saves the loss is checked only every PROGRESS_EVERY steps."""
+    values = [*encoder.parameters(), *decoder.parameters(), *([] if totals is None else [totals])]
+    if not torch.stack([torch.isfinite(value).all() for value in values]).all():
+        sums = "" if totals is None else f" (the loss sums of epoch {epoch + 1} so far: {totals.tolist()})"
+        where = f"epoch {epoch + 1}, step {step}" if step else f"epoch {epoch}"
+        raise TrainingDiverged(f"the loss or the weights became NaN or Inf before the save after {where}{sums}")
+
+
 class StopRequest:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM (what `kill`, SLURM and Kubernetes send before they kill
     a job) into a flag checked between steps, so that a step is never cut in half and the run is saved;
@@ -486,6 +504,7 @@ def train(args: argparse.Namespace) -> Path:
     pending = []  # (iteration, window means) not yet read from the device
 
     def save(at_epoch: int, at_step: int, at_perm: torch.Tensor | None, at_totals: torch.Tensor | None) -> None:
+        check_finite_save(encoder, decoder, at_totals, at_epoch, at_step)
         save_run(args, encoder, decoder, optimizer, generator,
                  {"epoch": at_epoch, "step": at_step, "iteration": iteration, "log": log_rows,
                   "perm": None if at_perm is None else at_perm.cpu(),

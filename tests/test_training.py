@@ -350,3 +350,35 @@ def test_sigterm_saves_and_exits_143_and_resume_matches_an_uninterrupted_run(tmp
     straight = start_script("training", *common, "--run-name", "straight", "--epochs", epochs)
     assert resumed.wait() == 0 and straight.wait() == 0, resumed.stderr + straight.stderr
     assert_same_weights(weights(tmp_path / "ck" / "straight"), weights(tmp_path / "ck" / "term"))
+
+
+def test_ctrl_c_right_after_a_nan_loss_keeps_the_last_good_save(tmp_path, monkeypatch, capsys):
+    # The loss is checked every PROGRESS_EVERY (25) steps; this NaN and the Ctrl-C fall in between.
+    run_dir = run(tmp_path, "--epochs", "1", "--run-name", "r")
+    good = weights(run_dir)
+    calls = {"n": 0}
+
+    def nan_then_ctrl_c(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return nan_losses() if calls["n"] >= 3 else original(*args)
+
+    original = training.compute_losses
+    monkeypatch.setattr(training, "compute_losses", nan_then_ctrl_c)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--epochs", "2", "--run-name", "r", "--resume")
+    assert exit_info.value.code == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: the loss or the weights became NaN or Inf before the save after epoch 2, step 3")
+    assert f"{run_dir} keeps its last save (epoch 1, step 0)" in line
+    state = read_run_state(run_dir)
+    assert (state["epoch"], state["step"]) == (1, 0)
+    assert_same_weights(good, weights(run_dir))
+
+
+def test_resume_takes_classes_as_a_set(tmp_path):
+    run_dir = run(tmp_path, "--epochs", "1", "--classes", "8", "9")
+    assert run(tmp_path, "--epochs", "2", "--classes", "9", "8", "8", "--resume") == run_dir
+    assert json.loads((run_dir / "args.json").read_text())["classes"] == [8, 9]
+    assert [row["epoch"] for row in read_rows(run_dir)] == ["1", "2"]
