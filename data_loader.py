@@ -5,7 +5,8 @@ labels int64 with shape [N]. Training indexes them with a fresh permutation each
 path has no per-sample Python code and the data can live on the GPU.
 
 The IDX files are read directly (gzip-compressed or not) from `<data-dir>/<Folder>/raw/`, the layout
-torchvision uses; MNIST ships with this repository under `data/MNIST/raw/`. Example:
+torchvision uses; MNIST ships with this repository under `data/MNIST/raw/` and is never downloaded.
+Example:
 
     python -c "import data_loader; x, y = data_loader.load_split('data', 'train'); print(x.shape)"
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import shutil
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -24,6 +27,8 @@ DATASETS = {
     "mnist": ("MNIST", None),
     "fashion-mnist": ("FashionMNIST", Path("/usr/share/datasets/fashion-mnist")),
 }
+SHIPPED = {"mnist"}  # data sets whose files ship with the repository: a missing file is never downloaded
+REPOSITORY = Path(__file__).resolve().parent  # MNIST ships in its data/MNIST/raw/
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 EVALUATION_SPLITS = ("test", "validation")
 VALIDATION_START = 50000  # the validation split: train images [50000, 60000)
@@ -31,8 +36,8 @@ IMAGE_SIZE = 28
 IDX_MAGIC = {"images": 2051, "labels": 2049}
 
 HOW_TO_FIX = {
-    "mnist": "restore it with `git checkout -- data/MNIST/raw` (the repository carries MNIST) "
-    "or copy the four MNIST IDX files into {folder}",
+    "mnist": "copy the four MNIST IDX files into {folder} (the repository ships them in {shipped}, where "
+    "`git -C {repository} checkout -- data/MNIST/raw` restores them)",
     "fashion-mnist": "install Debian's package (`apt-get install -y dataset-fashion-mnist`, "
     "which puts the files in /usr/share/datasets/fashion-mnist/), or copy the four "
     "Fashion-MNIST IDX files into {folder}",
@@ -44,7 +49,8 @@ class DatasetFileError(RuntimeError):
 
 
 def _fail(dataset: str, path: Path, problem: str) -> DatasetFileError:
-    fix = HOW_TO_FIX[dataset].format(folder=path.parent)
+    fix = HOW_TO_FIX[dataset].format(folder=path.parent, shipped=REPOSITORY / "data" / "MNIST" / "raw",
+                                     repository=REPOSITORY)
     return DatasetFileError(f"{dataset} file {path}: {problem}. To fix it, {fix}.")
 
 
@@ -93,16 +99,21 @@ def read_idx(path: Path, kind: str, dataset: str = "mnist") -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
 
 
-def _download_with_torchvision(dataset: str, data_dir: Path) -> None:
-    """Fetch missing files where a network exists; silently does nothing where none does."""
+def _download_with_torchvision(dataset: str, raw_dir: Path) -> None:
+    """Fetch the files into a temporary folder where a network exists, then move them into `raw_dir`;
+    where none does (the usual case here), nothing is created and the caller reports the missing file."""
     from torchvision import datasets
 
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[dataset]
-    try:
-        for train in (True, False):
-            cls(str(data_dir), train=train, download=True)
-    except Exception:  # no network (the usual case here): the caller reports the missing file
-        pass
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            for train in (True, False):
+                cls(scratch, train=train, download=True)
+        except Exception:  # no network
+            return
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        for path in (Path(scratch) / DATASETS[dataset][0] / "raw").iterdir():
+            shutil.move(path, raw_dir / path.name)
 
 
 def load_split(data_dir: str | Path, split: str, dataset: str = "mnist",
@@ -117,15 +128,15 @@ def load_split(data_dir: str | Path, split: str, dataset: str = "mnist",
     for kind, suffix in (("images", "images-idx3-ubyte"), ("labels", "labels-idx1-ubyte")):
         stem = f"{SPLIT_PREFIX[split]}-{suffix}"
         path = _find_file(dataset, raw_dir, stem)
-        if path is None:
-            _download_with_torchvision(dataset, Path(data_dir))
+        if path is None and dataset not in SHIPPED:
+            _download_with_torchvision(dataset, raw_dir)
             path = _find_file(dataset, raw_dir, stem)
         if path is None:
             raise _fail(dataset, raw_dir / (stem + ".gz"), "it is missing")
         arrays[kind] = read_idx(path, kind, dataset)
     images, labels = arrays["images"], arrays["labels"]
     if len(images) != len(labels):
-        raise _fail(dataset, raw_dir, f"{len(images)} images but {len(labels)} labels")
+        raise _fail(dataset, path, f"{len(images)} images but {len(labels)} labels")
     images = torch.from_numpy(images.copy()).to(device).unsqueeze(1).float().div_(255.0)
     return images, torch.from_numpy(labels.astype(np.int64)).to(device)
 

@@ -6,7 +6,7 @@ output for the style of row image r and the class code of column c; the corner i
 posterior means. With --accumulate-evidence a column's class code is the accumulated posterior of
 several test images of its digit instead of its one image's posterior.
 
-    python inference.py --out out/swap.png               # default --out: images/swap_mlvae_eps0.1_no_evidence.png
+    python inference.py                                  # writes out/swap_mlvae_eps0.1_no_evidence.png
     python inference.py --accumulate-evidence --reference random --seed 3 --out out/swap_evidence.png
     python inference.py --eps-std 0.1 --out out/reference_swap_eps0.1_no_evidence.png \\
         --encoder $MLVAE_REFERENCE_DIR/encoder_0.1_var_reparam \\
@@ -27,7 +27,7 @@ import data_loader
 from evaluation import encode, sample_per_label
 from grids import NUM_DIGITS, grid_image, reference_indices, swap_cells
 from runs import (IMAGE_SUFFIXES, POSITIVE_INT, UserError, add_model_arguments, check_label_counts, check_writable,
-                  device_and_models, reports_errors, script_parser)
+                  device_and_models, reports_errors, repository_path, script_parser)
 from utils import accumulate_group_evidence
 
 EVIDENCE_BATCH = 256  # the reference accumulates the evidence of one random test batch of this size
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"test images per digit to accumulate (default: those of one random test batch of "
              f"{EVIDENCE_BATCH}, about {EVIDENCE_BATCH // NUM_DIGITS} per digit, as the reference does)")
     add("--seed", type=int, default=0, help="seed of --reference random and of the evidence images")
-    add("--out", default=None, help="PNG path (default: images/swap_<run>_<no_evidence|evidence>.png)")
+    add("--out", default=None, help="PNG path (default: out/swap_<run>_<no_evidence|evidence>.png in the repository)")
     return parser
 
 
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     device, encoder, decoder, settings = device_and_models(parser, args)
     evidence = "evidence" if args.accumulate_evidence else "no_evidence"
-    out = check_writable(args.out or f"images/swap_{settings.name}_{evidence}.png", "--out", IMAGE_SUFFIXES)
+    out = check_writable(args.out or repository_path(f"out/swap_{settings.name}_{evidence}.png"), "--out",
+                         IMAGE_SUFFIXES)
     images, labels = data_loader.load_split(args.data_dir, "test", settings.dataset, device)
     needed = args.evidence_size if args.accumulate_evidence and args.evidence_size else 1
     check_label_counts(labels, range(NUM_DIGITS), needed, f"{settings.dataset} test", "--evidence-size")

@@ -20,7 +20,7 @@ from typing import Callable, NoReturn
 
 import torch
 
-from data_loader import DATASETS, EVALUATION_SPLITS, VALIDATION_START, DatasetFileError
+from data_loader import DATASETS, EVALUATION_SPLITS, REPOSITORY, VALIDATION_START, DatasetFileError
 from networks import ARCHS, LIKELIHOODS, Decoder, Encoder, build_networks
 
 
@@ -86,6 +86,13 @@ FINITE = Bounded(float)
 NONNEGATIVE = Bounded(float, 0)
 POSITIVE = Bounded(float, 0, low_open=True)
 BETA = Bounded(float, 0, 1, high_open=True)  # Adam's betas
+
+
+def repository_path(relative: str) -> str:
+    """A default path of a flag: `relative` inside the repository, whichever folder a script runs from.
+    It reads as given where the working directory is the repository, else as an absolute path. A path
+    the user passes stays relative to the working directory."""
+    return relative if Path.cwd().resolve() == REPOSITORY else str(REPOSITORY / relative)
 
 
 def folder_name(text: str) -> str:
@@ -251,7 +258,7 @@ def pick_threads(requested: int | None = None) -> tuple[int, str]:
 
 MODEL_DEFAULTS = {"arch": "mlp", "style_dim": 10, "class_dim": 10, "eps_std": 0.1, "likelihood": "mse",
                   "dataset": "mnist"}
-DEFAULT_RUN = "checkpoints/mlvae_eps0.1"
+DEFAULT_RUN = "checkpoints/mlvae_eps0.1"  # inside the repository: repository_path(DEFAULT_RUN)
 
 
 class ModelLoadError(UserError):
@@ -308,7 +315,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from one to take from the run's args.json (and, failing that, from MODEL_DEFAULTS).
     """
     add = parser.add_argument
-    add("--checkpoint-dir", default=DEFAULT_RUN, help="run folder holding encoder.pt, decoder.pt and args.json")
+    add("--checkpoint-dir", default=repository_path(DEFAULT_RUN),
+        help="run folder holding encoder.pt, decoder.pt and args.json")
     add("--encoder", default=None, help="encoder state_dict (any file name; default: <checkpoint-dir>/encoder.pt)")
     add("--decoder", default=None, help="decoder state_dict (any file name; default: <checkpoint-dir>/decoder.pt)")
     add("--style-dim", type=POSITIVE_INT, default=None,
@@ -324,7 +332,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the decoder's likelihood (default: from args.json, else {MODEL_DEFAULTS['likelihood']})")
     add("--dataset", choices=sorted(DATASETS), default=None,
         help=f"evaluation data (default: the model's training data from args.json, else {MODEL_DEFAULTS['dataset']})")
-    add("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
+    add("--data-dir", default=repository_path("data"), help="folder holding <Dataset>/raw/ IDX files")
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
 

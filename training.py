@@ -37,8 +37,8 @@ from grids import grid_image, reference_indices, swap_cells
 from networks import ARCHS, LIKELIHOODS, PIXELS, Decoder, Encoder, build_networks
 from runs import (BETA, LOG_FIELDS, NONNEGATIVE, NONNEGATIVE_INT, NUM_TRAIN_OF, NUM_TRAIN_OF_BEFORE, POSITIVE,
                   POSITIVE_INT, RUN_FILES, STATE_FILE, Bounded, UserError, check_writable, fail, folder_name,
-                  pick_device, pick_threads, read_log, read_run_state, reports_errors, script_parser,
-                  training_selection, write_run)
+                  pick_device, pick_threads, read_log, read_run_state, reports_errors, repository_path,
+                  script_parser, training_selection, write_run)
 from utils import group_index, latent_layer, num_training_groups, reconstruction_loss, training_groups
 
 # Settings that define the model and its objective: a resumed run must keep them.
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--class-kl-per-sample", action="store_true",
         help="reference behaviour: count the group's class KL once per member instead of once per group")
     add("--dataset", choices=sorted(data_loader.DATASETS), default="mnist", help="training data")
-    add("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
+    add("--data-dir", default=repository_path("data"), help="folder holding <Dataset>/raw/ IDX files")
     add("--num-train", type=POSITIVE_INT, default=None,
         help=f"use only the first N images of the train split, --classes then picks its labels among them "
              f"({data_loader.VALIDATION_START} leaves the validation images unseen; default: all)")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 runs the networks under autocast")
     add("--compile", action="store_true",
         help="torch.compile the whole training step (forward, backward, Adam) into one graph")
-    add("--checkpoint-dir", default="out",
+    add("--checkpoint-dir", default=repository_path("out"),
         help="runs are saved in <checkpoint-dir>/<run-name>/ (the shipped runs live in checkpoints/)")
     add("--run-name", type=folder_name, default=None,
         help="a folder name (default: derived from the objective, e.g. mlvae_eps0.1)")
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
              "must agree with them, except --epochs and the logging ones); also repairs a save cut short")
     add("--overwrite", action="store_true",
         help="start afresh in a run folder that already holds a run, replacing it at the first save")
-    add("--log-dir", default="runs", help="tensorboard logs go to <log-dir>/<run-name>/")
+    add("--log-dir", default=repository_path("runs"), help="tensorboard logs go to <log-dir>/<run-name>/")
     add("--log-every", type=POSITIVE_INT, default=50,
         help="steps between tensorboard points of the loss terms (their mean over those steps)")
     add("--image-every", type=NONNEGATIVE_INT, default=5,

@@ -39,7 +39,7 @@ import data_loader
 import training
 from networks import HIDDEN, PIXELS, build_networks
 from runs import (POSITIVE_INT, check_writable, idle_threads, pick_device, pick_threads, reports_errors,
-                  script_parser, write_text_atomic)
+                  repository_path, script_parser, write_text_atomic)
 from utils import training_groups
 
 MNIST_TRAIN = 60000
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="all", help="all (the CPU, plus CUDA when present), cpu, cuda or cuda:N")
     add("--threads", type=POSITIVE_INT, default=None,
         help="CPU threads (default: as training.py picks them, one per CPU idle at the start)")
-    add("--data-dir", default="data", help="folder holding MNIST/raw/ IDX files")
+    add("--data-dir", default=repository_path("data"), help="folder holding MNIST/raw/ IDX files")
     add("--json", type=Path, default=None, help="also write the results here")
     return parser
 

@@ -40,7 +40,7 @@ from evaluation import (Posteriors, batch_groups, batch_order, classifier_protoc
                         load_pixel_classifier)
 from networks import PIXELS
 from runs import (ModelSettings, add_model_arguments, check_writable, device_and_models, read_log, reports_errors,
-                  script_parser, write_text_atomic)
+                  repository_path, script_parser, write_text_atomic)
 from studies.group_size import GROUP_SIZES, accuracy_by_group_size
 from studies.swap_score import swap_scores
 from utils import accumulate_group_evidence, group_index, latent_layer, reconstruction_loss
@@ -131,7 +131,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.M
     (train_x, train_y), (test_x, test_y) = data_loader.evaluation_splits(args.data_dir, settings.dataset, "test",
                                                                          device)
     pixel_classifier = load_pixel_classifier(
-        args.pixel_classifier or f"checkpoints/pixel_classifier_{settings.dataset}.pt", device)
+        args.pixel_classifier or repository_path(f"checkpoints/pixel_classifier_{settings.dataset}.pt"), device)
     train, test = (encode(encoder, train_x), train_y), (encode(encoder, test_x), test_y)
     bar = tqdm(total=len(PROTOCOLS) + 3, unit="stage", disable=args.no_progress, dynamic_ncols=True)
     classifiers, mlp = latent_classifier_results(train, test, args, settings.eps_std, bar)

@@ -18,13 +18,13 @@ import data_loader
 from evaluation import predict
 from networks import PixelClassifier
 from runs import (POSITIVE, POSITIVE_INT, UserError, atomic_save, check_finite, check_writable, pick_device,
-                  reports_errors, script_parser)
+                  reports_errors, repository_path, script_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     parser.add_argument("--dataset", choices=sorted(data_loader.DATASETS), default="mnist", help="data set")
-    parser.add_argument("--data-dir", default="data", help="folder holding <Dataset>/raw/ IDX files")
+    parser.add_argument("--data-dir", default=repository_path("data"), help="folder holding <Dataset>/raw/ IDX files")
     parser.add_argument("--epochs", type=POSITIVE_INT, default=8, help="passes over the training split")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="images per step")
     parser.add_argument("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate")
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> float:
         device = pick_device(args.device)
     except ValueError as error:
         parser.error(f"--device: {error}")
-    out = check_writable(args.out or f"checkpoints/pixel_classifier_{args.dataset}.pt", "--out")
+    out = check_writable(args.out or repository_path(f"checkpoints/pixel_classifier_{args.dataset}.pt"), "--out")
     if out.exists() and not args.overwrite:
         raise UserError(f"--out {out} exists; pass another --out, or --overwrite to replace it")
     torch.manual_seed(args.seed)

@@ -23,7 +23,7 @@ import torch
 import data_loader
 from evaluation import draw_evidence_sets, encode, load_pixel_classifier, predict, sample_per_label
 from runs import (POSITIVE_INT, UserError, add_model_arguments, check_finite, check_label_counts, check_writable,
-                  device_and_models, reports_errors, script_parser, write_text_atomic)
+                  device_and_models, reports_errors, repository_path, script_parser, write_text_atomic)
 from utils import fused_means
 
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         check_writable(args.json, "--json")
     device, encoder, decoder, settings = device_and_models(parser, args)
-    path = args.pixel_classifier or f"checkpoints/pixel_classifier_{settings.dataset}.pt"
+    path = args.pixel_classifier or repository_path(f"checkpoints/pixel_classifier_{settings.dataset}.pt")
     try:
         classifier = load_pixel_classifier(path, device)
     except FileNotFoundError as error:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from data_loader import VALIDATION_START
 from networks import PIXELS
-from runs import (POSITIVE_INT, UserError, check_writable, read_run_state, reports_errors, script_parser, stale_files,
-                  write_text_atomic)
+from runs import (POSITIVE_INT, UserError, check_writable, read_run_state, reports_errors, repository_path,
+                  script_parser, stale_files, write_text_atomic)
 
 # name -> training.py flags on top of the defaults (paper-correct ML-VAE, eps std 0.1, mse).
 CONFIGS = {
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"train on train images [0, N); at most {VALIDATION_START}, so the validation images stay unseen")
     add("--iterations", type=POSITIVE_INT, default=5000, help="classifier.py steps of each latent classifier")
     add("--jobs", type=POSITIVE_INT, default=2, help="configurations run at once, one CPU thread each")
-    add("--sweep-dir", type=Path, default=Path("sweeps"), help="runs are saved in <sweep-dir>/<config>/")
+    add("--sweep-dir", type=Path, default=repository_path("sweeps"), help="runs are saved in <sweep-dir>/<config>/")
     add("--out", type=Path, default=None, help="also write the Markdown table here (and a .json beside it)")
     return parser
 
