@@ -210,6 +210,19 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")  # training.py --precision
+
+
+def set_float32_precision(precision: str) -> None:
+    """How float32 matmuls and convolutions run for --precision `precision`: in strict IEEE fp32 for
+    fp32 (and for bf16, whose autocast covers the networks and leaves the rest in fp32); for tf32, in
+    TF32 where the hardware has it (Ampere and newer GPUs, oneDNN on CPUs with TF32 units): inputs
+    rounded to a 10-bit mantissa, products summed in fp32."""
+    tf32 = precision == "tf32"
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32  # cuDNN convolutions: torch allows TF32 unless told otherwise
+
+
 def idle_cpus(interval: float = 0.1) -> float | None:
     """How many of the CPUs this process may run on sat idle over the next `interval` seconds, from the
     kernel's per-CPU time counters (/proc/stat); None off Linux."""

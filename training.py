@@ -36,9 +36,9 @@ from evaluation import encode
 from grids import grid_image, reference_indices, swap_cells
 from networks import ARCHS, LIKELIHOODS, PIXELS, Decoder, Encoder, build_networks
 from runs import (BETA, LOG_FIELDS, NONNEGATIVE, NONNEGATIVE_INT, NUM_TRAIN_OF, NUM_TRAIN_OF_BEFORE, POSITIVE,
-                  POSITIVE_INT, RUN_FILES, STATE_FILE, Bounded, UserError, check_writable, fail, folder_name,
-                  pick_device, pick_threads, read_log, read_run_state, reports_errors, repository_path,
-                  script_parser, training_selection, write_run)
+                  POSITIVE_INT, PRECISIONS, RUN_FILES, STATE_FILE, Bounded, UserError, check_writable, fail,
+                  folder_name, pick_device, pick_threads, read_log, read_run_state, reports_errors, repository_path,
+                  script_parser, set_float32_precision, training_selection, write_run)
 from utils import group_index, latent_layer, num_training_groups, reconstruction_loss, training_groups
 
 # Settings that define the model and its objective: a resumed run must keep them.
@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     add("--threads", type=POSITIVE_INT, default=None,
         help="CPU threads (default: OMP_NUM_THREADS when set, else one per CPU idle when the run starts)")
-    add("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 runs the networks under autocast")
+    add("--precision", choices=PRECISIONS, default="fp32",
+        help="fp32: strict IEEE fp32 matmuls and convolutions; tf32: TF32 ones where the hardware has them "
+             "(Ampere and newer GPUs), faster, with 10-bit mantissa inputs; bf16: the networks under bf16 autocast")
     add("--compile", action="store_true",
         help="torch.compile the whole training step (forward, backward, Adam) into one graph")
     add("--checkpoint-dir", default=repository_path("out"),
@@ -574,14 +576,14 @@ def train(args: argparse.Namespace) -> Path:
 @reports_errors
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    torch.set_float32_matmul_precision("high")
+    set_float32_precision(args.precision)
     try:
         return train(args)
     except TrainingDiverged as error:
         state = read_run_state(args.run_dir)
         kept = (f"{args.run_dir} keeps its last save (epoch {state['epoch']}, step {state['step']})" if state
                 else "nothing was saved")
-        fp32 = " or --precision fp32" if args.precision == "bf16" else ""
+        fp32 = " or --precision fp32" if args.precision != "fp32" else ""
         fail(f"{error}; {kept}. Start a new run (another --run-name) with a lower --lr than {args.lr:g}{fp32}", 1)
 
 

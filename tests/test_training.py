@@ -13,7 +13,7 @@ import torch
 
 import training
 from networks import Decoder, Encoder
-from runs import RUN_FILES, STATE_FILE, read_run_state, stale_files, write_run
+from runs import RUN_FILES, STATE_FILE, read_run_state, set_float32_precision, stale_files, write_run
 
 SMALL = ["--num-train", "512", "--batch-size", "64", "--no-progress"]
 
@@ -382,3 +382,17 @@ def test_resume_takes_classes_as_a_set(tmp_path):
     assert run(tmp_path, "--epochs", "2", "--classes", "9", "8", "8", "--resume") == run_dir
     assert json.loads((run_dir / "args.json").read_text())["classes"] == [8, 9]
     assert [row["epoch"] for row in read_rows(run_dir)] == ["1", "2"]
+
+
+@pytest.mark.parametrize("precision,other,state", [("fp32", "tf32", ("highest", False)),
+                                                   ("tf32", "fp32", ("high", True))])
+def test_precision_says_whether_float32_matmuls_and_convolutions_may_run_in_tf32(tmp_path, precision, other, state):
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    set_float32_precision(other)  # the state the run must change
+    try:
+        run_dir = run(tmp_path, "--epochs", "1", "--run-name", "r", "--precision", precision)
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == state
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+    assert json.loads((run_dir / "args.json").read_text())["precision"] == precision
