@@ -23,10 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 import data_loader
 from evaluation import classifier_protocol, encode
 from runs import (POSITIVE, POSITIVE_INT, Bounded, UserError, add_model_arguments, add_split_argument, check_finite,
-                  check_writable, device_and_models, reports_errors, script_parser, write_text_atomic)
+                  check_validation_unseen, check_writable, device_and_models, reports_errors, script_parser,
+                  write_text_atomic)
 
 COLUMNS = ("latents", "eps std", "style dim", "class dim", "evidence", "style train", "style test", "class train",
            "class test")
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device, encoder, _, settings = device_and_models(parser, args)
     (train_images, train_labels), (test_images, test_labels), note = data_loader.evaluation_splits(
         settings.data, args.split, device, progress=not args.no_progress)
+    if args.split == "validation":
+        check_validation_unseen(settings, torch.cat([train_labels, test_labels]))
     if note:
         print(note)
     smallest = min(len(train_labels), len(test_labels))

@@ -6,7 +6,8 @@ labels int64 with shape [N]. Training indexes them with a fresh permutation each
 path has no per-sample Python code and the data can live on the GPU.
 
 The IDX files are read directly (gzip-compressed or not) from `<data-dir>/<Folder>/raw/`, the layout
-torchvision uses; MNIST ships with this repository under `data/MNIST/raw/`. Example:
+torchvision uses; MNIST ships with this repository under `data/MNIST/raw/` and is never downloaded.
+Example:
 
     python -c "import data_loader; x, y = data_loader.load_split('data', 'train'); print(x.shape)"
 
@@ -30,6 +31,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -51,6 +53,8 @@ DATASETS = {
     "mnist": ("MNIST", None),
     "fashion-mnist": ("FashionMNIST", Path("/usr/share/datasets/fashion-mnist")),
 }
+SHIPPED = {"mnist"}  # data sets whose files ship with the repository: a missing file is never downloaded
+REPOSITORY = Path(__file__).resolve().parent  # MNIST ships in its data/MNIST/raw/
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 EVALUATION_SPLITS = ("test", "validation")
 VALIDATION_START = 50000  # the validation split: train images [50000, 60000)
@@ -58,8 +62,8 @@ IMAGE_SIZE = 28
 IDX_MAGIC = {"images": 2051, "labels": 2049}
 
 HOW_TO_FIX = {
-    "mnist": "restore it with `git checkout -- data/MNIST/raw` (the repository carries MNIST) "
-    "or copy the four MNIST IDX files into {folder}",
+    "mnist": "copy the four MNIST IDX files into {folder} (the repository ships them in {shipped}, where "
+    "`git -C {repository} checkout -- data/MNIST/raw` restores them)",
     "fashion-mnist": "install Debian's package (`apt-get install -y dataset-fashion-mnist`, "
     "which puts the files in /usr/share/datasets/fashion-mnist/), or copy the four "
     "Fashion-MNIST IDX files into {folder}",
@@ -71,7 +75,8 @@ class DatasetFileError(RuntimeError):
 
 
 def _fail(dataset: str, path: Path, problem: str) -> DatasetFileError:
-    fix = HOW_TO_FIX[dataset].format(folder=path.parent)
+    fix = HOW_TO_FIX[dataset].format(folder=path.parent, shipped=REPOSITORY / "data" / "MNIST" / "raw",
+                                     repository=REPOSITORY)
     return DatasetFileError(f"{dataset} file {path}: {problem}. To fix it, {fix}.")
 
 
@@ -120,16 +125,21 @@ def read_idx(path: Path, kind: str, dataset: str = "mnist") -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
 
 
-def _download_with_torchvision(dataset: str, data_dir: Path) -> None:
-    """Fetch missing files where a network exists; silently does nothing where none does."""
+def _download_with_torchvision(dataset: str, raw_dir: Path) -> None:
+    """Fetch the files into a temporary folder where a network exists, then move them into `raw_dir`;
+    where none does (the usual case here), nothing is created and the caller reports the missing file."""
     from torchvision import datasets
 
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[dataset]
-    try:
-        for train in (True, False):
-            cls(str(data_dir), train=train, download=True)
-    except Exception:  # no network (the usual case here): the caller reports the missing file
-        pass
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            for train in (True, False):
+                cls(scratch, train=train, download=True)
+        except Exception:  # no network
+            return
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        for path in (Path(scratch) / DATASETS[dataset][0] / "raw").iterdir():
+            shutil.move(path, raw_dir / path.name)
 
 
 def idx_arrays(data_dir: str | Path, split: str, dataset: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
@@ -143,15 +153,15 @@ def idx_arrays(data_dir: str | Path, split: str, dataset: str = "mnist") -> tupl
     for kind, suffix in (("images", "images-idx3-ubyte"), ("labels", "labels-idx1-ubyte")):
         stem = f"{SPLIT_PREFIX[split]}-{suffix}"
         path = _find_file(dataset, raw_dir, stem)
-        if path is None:
-            _download_with_torchvision(dataset, Path(data_dir))
+        if path is None and dataset not in SHIPPED:
+            _download_with_torchvision(dataset, raw_dir)
             path = _find_file(dataset, raw_dir, stem)
         if path is None:
             raise _fail(dataset, raw_dir / (stem + ".gz"), "it is missing")
         arrays[kind] = read_idx(path, kind, dataset)
     images, labels = arrays["images"], arrays["labels"]
     if len(images) != len(labels):
-        raise _fail(dataset, raw_dir, f"{len(images)} images but {len(labels)} labels")
+        raise _fail(dataset, path, f"{len(images)} images but {len(labels)} labels")
     return images, labels
 
 
@@ -228,6 +238,13 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def repository_path(relative: str) -> str:
+    """A default path of a flag: `relative` inside the repository, whichever folder a script runs from.
+    It reads as given where the working directory is the repository, else as an absolute path. A path
+    the user passes stays relative to the working directory."""
+    return relative if Path.cwd().resolve() == REPOSITORY else str(REPOSITORY / relative)
+
+
 def add_data_arguments(parser, from_run: bool = False) -> None:
     """The flags that choose the data (the fields of DataSpec). With `from_run`, for the scripts that
     evaluate a trained run, they default to None: the run's args.json then supplies them."""
@@ -239,7 +256,7 @@ def add_data_arguments(parser, from_run: bool = False) -> None:
     run = " (default: the run's, from args.json)" if from_run else ""
     add("--dataset", choices=DATASET_CHOICES, default=default("mnist"),
         help=f"mnist or fashion-mnist (IDX files), or folder: grouped images under --data-dir (docs/data.md){run}")
-    add("--data-dir", default=default("data"),
+    add("--data-dir", default=default(repository_path("data")),
         help=f"IDX data sets: the folder holding <Dataset>/raw/; folder: the data set's root{run}")
     add("--data-list", default=None, help="folder data: a file of `relative/path group [split]` lines")
     add("--split-list", default=None, help="folder data: a file of `relative/path split` lines (0/1 train, 2 test)")

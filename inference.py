@@ -7,7 +7,7 @@ of row image r and the class code of column c; the corner is blank. Codes are po
 --accumulate-evidence a column's class code is the accumulated posterior of several test images of its
 group instead of its one image's posterior. Colour data give colour grids.
 
-    python inference.py --out out/swap.png               # default --out: images/swap_mlvae_eps0.1_no_evidence.png
+    python inference.py                                  # writes out/swap_mlvae_eps0.1_no_evidence.png
     python inference.py --accumulate-evidence --reference random --seed 3 --out out/swap_evidence.png
     python inference.py --eps-std 0.1 --out out/reference_swap_eps0.1_no_evidence.png \\
         --encoder $MLVAE_REFERENCE_DIR/encoder_0.1_var_reparam \\
@@ -28,7 +28,7 @@ import data_loader
 from evaluation import encode, sample_per_label
 from grids import GRID_GROUPS, grid_image, reference_indices, swap_cells
 from runs import (IMAGE_SUFFIXES, POSITIVE_INT, UserError, add_model_arguments, check_label_counts, check_writable,
-                  device_and_models, reports_errors, script_parser)
+                  device_and_models, reports_errors, repository_path, script_parser)
 from utils import accumulate_group_evidence
 
 EVIDENCE_BATCH = 256  # the reference accumulates the evidence of one random test batch of this size
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the test groups of the grid, by name (default: the first {GRID_GROUPS}; on MNIST the digits 0-9)")
     add("--num-groups", type=POSITIVE_INT, default=GRID_GROUPS, help="how many first groups when --groups is not given")
     add("--seed", type=int, default=0, help="seed of --reference random and of the evidence images")
-    add("--out", default=None, help="PNG path (default: images/swap_<run>_<no_evidence|evidence>.png)")
+    add("--out", default=None, help="PNG path (default: out/swap_<run>_<no_evidence|evidence>.png in the repository)")
     return parser
 
 
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     device, encoder, decoder, settings = device_and_models(parser, args)
     evidence = "evidence" if args.accumulate_evidence else "no_evidence"
-    out = check_writable(args.out or f"images/swap_{settings.name}_{evidence}.png", "--out", IMAGE_SUFFIXES)
+    out = check_writable(args.out or repository_path(f"out/swap_{settings.name}_{evidence}.png"), "--out",
+                         IMAGE_SUFFIXES)
     images, labels, names = data_loader.labelled_images(settings.data, "test", device)
     groups = grid_groups(names, args.groups, args.num_groups)
     needed = args.evidence_size if args.accumulate_evidence and args.evidence_size else 1

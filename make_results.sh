@@ -64,11 +64,11 @@ step_done 1
 # 2. Figures: swap grids without and with evidence, t-SNE maps, loss curves.
 for run in mlvae_eps0.1 mlvae_eps1 mlvae_eps0.1_stylekl4 mlvae_eps0.1_fashion-mnist mlvae_conv16_eps0.1 \
     mlvae_conv16_eps0.1_stylekl4; do
-  python inference.py --checkpoint-dir checkpoints/$run
-  python inference.py --checkpoint-dir checkpoints/$run --accumulate-evidence
+  python inference.py --checkpoint-dir checkpoints/$run --out images/swap_${run}_no_evidence.png
+  python inference.py --checkpoint-dir checkpoints/$run --accumulate-evidence --out images/swap_${run}_evidence.png
 done
-background python tsne.py --checkpoint-dir checkpoints/mlvae_eps0.1
-background python tsne.py --checkpoint-dir checkpoints/mlvae_eps1
+background python tsne.py --checkpoint-dir checkpoints/mlvae_eps0.1 --out images/tsne_mlvae_eps0.1.png
+background python tsne.py --checkpoint-dir checkpoints/mlvae_eps1 --out images/tsne_mlvae_eps1.png
 if $have_ref; then
   for eps in 0.1 1; do
     weights=(--eps-std $eps --encoder "$ref/encoder_${eps}_var_reparam" --decoder "$ref/decoder_${eps}_var_reparam")

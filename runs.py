@@ -20,7 +20,8 @@ from typing import Callable, NoReturn
 
 import torch
 
-from data_loader import EVALUATION_SPLITS, VALIDATION_START, DataSpec, DatasetFileError, add_data_arguments
+from data_loader import (EVALUATION_SPLITS, FOLDER, VALIDATION_START, DataSpec, DatasetFileError, add_data_arguments,
+                         repository_path)
 from networks import ARCHS, LIKELIHOODS, Decoder, Encoder, build_networks
 
 
@@ -203,6 +204,19 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")  # training.py --precision
+
+
+def set_float32_precision(precision: str) -> None:
+    """How float32 matmuls and convolutions run for --precision `precision`: in strict IEEE fp32 for
+    fp32 (and for bf16, whose autocast covers the networks and leaves the rest in fp32); for tf32, in
+    TF32 where the hardware has it (Ampere and newer GPUs, oneDNN on CPUs with TF32 units): inputs
+    rounded to a 10-bit mantissa, products summed in fp32."""
+    tf32 = precision == "tf32"
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32  # cuDNN convolutions: torch allows TF32 unless told otherwise
+
+
 def idle_cpus(interval: float = 0.1) -> float | None:
     """How many of the CPUs this process may run on sat idle over the next `interval` seconds, from the
     kernel's per-CPU time counters (/proc/stat); None off Linux."""
@@ -252,7 +266,7 @@ def pick_threads(requested: int | None = None) -> tuple[int, str]:
 MODEL_DEFAULTS = {"arch": "mlp", "style_dim": 10, "class_dim": 10, "eps_std": 0.1, "likelihood": "mse",
                   "image_shape": [1, 28, 28]}
 DATA_DEFAULTS = DataSpec()  # runs saved before args.json recorded their data read MNIST
-DEFAULT_RUN = "checkpoints/mlvae_eps0.1"
+DEFAULT_RUN = "checkpoints/mlvae_eps0.1"  # inside the repository: repository_path(DEFAULT_RUN)
 
 
 class ModelLoadError(UserError):
@@ -273,6 +287,7 @@ class ModelSettings:
     encoder_path: Path
     decoder_path: Path
     state: dict | None = field(default=None, repr=False)  # the run's training_state.pt, when it has one
+    trained: dict = field(default_factory=dict, repr=False)  # the run's args.json; {} for weights without one
 
     @property
     def dataset(self) -> str:
@@ -313,7 +328,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from one to take from the run's args.json (and, failing that, from MODEL_DEFAULTS).
     """
     add = parser.add_argument
-    add("--checkpoint-dir", default=DEFAULT_RUN, help="run folder holding encoder.pt, decoder.pt and args.json")
+    add("--checkpoint-dir", default=repository_path(DEFAULT_RUN),
+        help="run folder holding encoder.pt, decoder.pt and args.json")
     add("--encoder", default=None, help="encoder state_dict (any file name; default: <checkpoint-dir>/encoder.pt)")
     add("--decoder", default=None, help="decoder state_dict (any file name; default: <checkpoint-dir>/decoder.pt)")
     add("--style-dim", type=POSITIVE_INT, default=None,
@@ -336,7 +352,8 @@ def add_split_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=EVALUATION_SPLITS, default="test",
                         help=f"test: fit on the train split, report the test split; validation: fit on train "
                              f"images [0, {start}), report train images [{start}, end) as 'test' (for "
-                             f"choosing settings; train the model with --num-train {start})")
+                             f"choosing settings; refused for a model whose args.json does not show that it "
+                             f"trained on none of them: train it with --num-train {start})")
 
 
 def read_json(path: Path) -> dict:
@@ -365,8 +382,57 @@ def resolve_settings(args: argparse.Namespace) -> ModelSettings:
               for key, default in MODEL_DEFAULTS.items()}
     data = {key: saved.get(key, getattr(DATA_DEFAULTS, key)) if getattr(args, key) is None else getattr(args, key)
             for key in DataSpec.__dataclass_fields__}
+    if args.data_dir is None and data["dataset"] != FOLDER:  # IDX files: the repository's, whatever args.json says
+        data["data_dir"] = repository_path("data")
     return ModelSettings(**values, data=DataSpec.from_settings(data), encoder_path=encoder_path,
-                         decoder_path=decoder_path, state=state)
+                         decoder_path=decoder_path, state=state, trained=saved)
+
+
+# What training.py --num-train counts: the first N images of the train split, of which --classes then
+# keeps its labels. Runs saved before args.json recorded `num_train_of` counted N among the images of
+# --classes instead, so that their N images could reach past the start of the validation split.
+NUM_TRAIN_OF = "split"
+NUM_TRAIN_OF_BEFORE = "classes"
+
+
+def training_selection(images: torch.Tensor, labels: torch.Tensor, num_train: int | None,
+                       classes: list[int] | None, num_train_of: str = NUM_TRAIN_OF
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of the train split that a run with these settings trains on, in split
+    order: the first `num_train` (all when None), of which those with a label in `classes` (all when
+    None); with num_train_of=NUM_TRAIN_OF_BEFORE, the first `num_train` of those of `classes`."""
+    if num_train is not None and num_train_of == NUM_TRAIN_OF:
+        images, labels = images[:num_train], labels[:num_train]
+    if classes is not None:
+        keep = torch.isin(labels, torch.tensor(classes, device=labels.device))
+        images, labels = images[keep], labels[keep]
+    if num_train is not None and num_train_of == NUM_TRAIN_OF_BEFORE:
+        images, labels = images[:num_train], labels[:num_train]
+    return images, labels
+
+
+def check_validation_unseen(settings: ModelSettings, train_labels: torch.Tensor) -> None:
+    """Raise UserError unless the model never trained on a validation image (train images
+    [VALIDATION_START, end) of the data set it is evaluated on), as its args.json records; weights
+    without an args.json do not say, and are refused too. `train_labels`: those of the whole train split."""
+    run = settings.encoder_path.parent
+    instead = (f"pass --split test, or choose settings with a model trained by training.py with --num-train "
+               f"{VALIDATION_START} (its first {VALIDATION_START} train images)")
+    trained = settings.trained
+    if not trained:
+        raise UserError(f"--split validation: {run} has no args.json to say which images {settings.encoder_path.name} "
+                        f"trained on, so its validation images may have been among them; {instead}")
+    if trained.get("dataset", MODEL_DEFAULTS["dataset"]) != settings.dataset:
+        return  # trained on another data set: it saw none of these images
+    num_train, classes = trained.get("num_train"), trained.get("classes")
+    seen, _ = training_selection(torch.arange(len(train_labels), device=train_labels.device), train_labels,
+                                 num_train, classes, trained.get("num_train_of", NUM_TRAIN_OF_BEFORE))
+    if len(seen) and int(seen.max()) >= VALIDATION_START:
+        limit = f"--num-train {num_train}" if num_train is not None else "no --num-train"
+        of_classes = "" if classes is None else f" of --classes {' '.join(map(str, classes))}"
+        raise UserError(f"--split validation: {run} trained on {settings.dataset} train images{of_classes} up to "
+                        f"index {int(seen.max())} ({limit} in its args.json), so it saw validation images (train "
+                        f"images {VALIDATION_START} on) and their scores would measure training images; {instead}")
 
 
 def _read_state_dict(path: Path, device: torch.device) -> dict:

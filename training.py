@@ -15,18 +15,20 @@ style sample and its group's class sample.
 Writes out/<run-name>/{encoder.pt, decoder.pt, args.json, log.csv, training_state.pt} (the shipped
 runs in checkpoints/ are never touched unless --checkpoint-dir points there) and tensorboard logs
 under runs/<run-name>. A folder that holds a run is written into only with --resume or --overwrite.
-Ctrl-C saves and exits; `--resume` with the same --run-name continues a run stopped or killed at any
-instant, which loses at most the epochs since its last save (--save-every).
+Ctrl-C or SIGTERM saves and exits (status 130 or 143); `--resume` with the same --run-name continues a run
+stopped or killed at any instant, which loses at most the epochs since its last save (--save-every).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import shlex
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch.optim.adam import adam
@@ -36,16 +38,19 @@ import data_loader
 from evaluation import encode
 from grids import GRID_GROUPS, grid_image, reference_indices, swap_cells
 from networks import ARCHS, LIKELIHOODS, Decoder, Encoder, build_networks
-from runs import (BETA, LOG_FIELDS, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, RUN_FILES,
-                  STATE_FILE, Bounded, UserError, check_writable, fail, folder_name, pick_device, pick_threads,
-                  read_log, read_run_state, reports_errors, script_parser, write_run)
+from runs import (BETA, LOG_FIELDS, NONNEGATIVE, NONNEGATIVE_INT, NUM_TRAIN_OF, NUM_TRAIN_OF_BEFORE, POSITIVE,
+                  POSITIVE_INT, PRECISIONS, RUN_FILES, STATE_FILE, Bounded, UserError, check_writable, fail,
+                  folder_name, pick_device, pick_threads, read_log, read_run_state, reports_errors, repository_path,
+                  script_parser, set_float32_precision, training_selection, write_run)
 from utils import group_index, latent_layer, reconstruction_loss
 
 # Settings that define the model and its objective: a resumed run must keep them.
 RUN_SETTINGS = ("dataset", "data_list", "split_list", "image_size", "channels", "groups_per_batch",
                 "images_per_group", "arch", "style_dim", "class_dim", "likelihood", "eps_std", "detach_class_posterior",
                 "class_kl_per_sample", "reconstruction_coef", "kl_coef", "style_kl_coef", "group_size",
-                "batch_size", "lr", "beta1", "beta2", "num_train", "classes", "seed", "precision")
+                "batch_size", "lr", "beta1", "beta2", "num_train", "num_train_of", "classes", "seed", "precision")
+# Settings that runs saved before args.json recorded them ran with another value than today's default.
+SAVED_BEFORE = {"num_train_of": NUM_TRAIN_OF_BEFORE}
 PROGRESS_EVERY = 25  # steps between progress-bar updates and NaN checks (each one syncs the device)
 DEFAULT_IMAGES_PER_GROUP = 8  # group-balanced batches of folder data when neither G nor K is given
 RECONSTRUCTED = 10  # tensorboard shows the first this many test images above their reconstructions
@@ -90,17 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference behaviour: count the group's class KL once per member instead of once per group")
     data_loader.add_data_arguments(parser)
     add("--num-train", type=POSITIVE_INT, default=None,
-        help="use only the first N training images (of those of --classes; default: all)")
+        help=f"use only the first N images of the train split, --classes then picks its labels among them "
+             f"({data_loader.VALIDATION_START} leaves the validation images unseen; default: all)")
     add("--classes", type=NONNEGATIVE_INT, nargs="+", metavar="LABEL", default=None,
         help="train only on images of these labels, e.g. 0 1 2 3 4 5 6 7 to hold digits 8 and 9 out")
     add("--seed", type=int, default=0, help="seed of the weights, the batch order and the noise")
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     add("--threads", type=POSITIVE_INT, default=None,
         help="CPU threads (default: OMP_NUM_THREADS when set, else one per CPU idle when the run starts)")
-    add("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 runs the networks under autocast")
+    add("--precision", choices=PRECISIONS, default="fp32",
+        help="fp32: strict IEEE fp32 matmuls and convolutions; tf32: TF32 ones where the hardware has them "
+             "(Ampere and newer GPUs), faster, with 10-bit mantissa inputs; bf16: the networks under bf16 autocast")
     add("--compile", action="store_true",
         help="torch.compile the whole training step (forward, backward, Adam) into one graph")
-    add("--checkpoint-dir", default="out",
+    add("--checkpoint-dir", default=repository_path("out"),
         help="runs are saved in <checkpoint-dir>/<run-name>/ (the shipped runs live in checkpoints/)")
     add("--run-name", type=folder_name, default=None,
         help="a folder name (default: derived from the objective, e.g. mlvae_eps0.1)")
@@ -111,12 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
              "must agree with them, except --epochs and the logging ones); also repairs a save cut short")
     add("--overwrite", action="store_true",
         help="start afresh in a run folder that already holds a run, replacing it at the first save")
-    add("--log-dir", default="runs", help="tensorboard logs go to <log-dir>/<run-name>/")
+    add("--log-dir", default=repository_path("runs"), help="tensorboard logs go to <log-dir>/<run-name>/")
     add("--log-every", type=POSITIVE_INT, default=50,
         help="steps between tensorboard points of the loss terms (their mean over those steps)")
     add("--image-every", type=NONNEGATIVE_INT, default=5,
         help="epochs between tensorboard reconstructions and swap grids (0: none)")
     add("--no-progress", action="store_true", help="no progress bars (for logs and tests)")
+    parser.set_defaults(num_train_of=NUM_TRAIN_OF)  # recorded in args.json: what --num-train counts (runs.py)
     return parser
 
 
@@ -152,6 +161,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     probe, not_given = build_parser(), object()  # argparse cannot tell a default from a given value
     probe.set_defaults(**dict.fromkeys(vars(args), not_given))
     given = {key for key, value in vars(probe.parse_args(argv)).items() if value is not not_given}
+    args.classes = label_set(args.classes)
+    if args.dataset == data_loader.FOLDER:  # args.json records where the data lie, for scripts run anywhere
+        args.data_dir = str(Path(args.data_dir).expanduser().resolve())
+        for key in ("data_list", "split_list"):
+            if getattr(args, key) is not None and Path(getattr(args, key)).is_file():
+                setattr(args, key, str(Path(getattr(args, key)).resolve()))
     try:
         args.device = pick_device(args.device)
     except ValueError as error:
@@ -201,9 +216,27 @@ def choose_batches(parser: argparse.ArgumentParser, args: argparse.Namespace, gi
     args.batch_size = size
 
 
+def label_set(classes: list[int] | None) -> list[int] | None:
+    """--classes as the set it means, sorted: `9 8` and `8 9 8` are `8 9`."""
+    return None if classes is None else sorted(set(classes))
+
+
 # Flags of one invocation of a run: --resume never takes them from the saved run.
 INVOCATION_FLAGS = {"resume", "overwrite", "device", "threads", "compile", "no_progress", "checkpoint_dir",
                     "run_name", "log_dir", "data_dir"}
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues the run, in backquotes: --resume takes the run's settings from the saved
+    run, and the INVOCATION_FLAGS that differ from their defaults are repeated."""
+    defaults, words = build_parser(), ["python", "training.py"]
+    for key in ("checkpoint_dir", "run_name", "log_dir", "data_dir", "threads", "compile", "no_progress"):
+        value = getattr(args, key)
+        if key in ("checkpoint_dir", "run_name") or value != defaults.get_default(key):
+            words += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    if args.device != pick_device("auto"):
+        words += ["--device", str(args.device)]
+    return f"`{shlex.join(words + ['--resume'])}`"
 
 
 def take_saved_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str],
@@ -215,15 +248,34 @@ def take_saved_settings(parser: argparse.ArgumentParser, args: argparse.Namespac
         what = ("it is a run without training state (a shipped one keeps only its weights and log); choose "
                 "another --run-name to train a new run" if present else "start the run without --resume")
         parser.error(f"--resume: {args.run_dir} holds no {STATE_FILE} to continue from; {what}")
-    # Runs saved before a setting existed ran with its default.
-    saved = {key: state["args"].get(key, parser.get_default(key)) for key in vars(args)}
+    # Runs saved before a setting existed ran with its default, but those of SAVED_BEFORE.
+    saved = {key: state["args"].get(key, SAVED_BEFORE.get(key, parser.get_default(key))) for key in vars(args)}
+    saved["classes"] = label_set(saved["classes"])  # runs saved before kept the order given
     changed = [f"--{key.replace('_', '-')} (saved {saved[key]}, given {getattr(args, key)})"
                for key in RUN_SETTINGS if key in given and saved[key] != getattr(args, key)]
     if changed:
         parser.error("--resume: the saved run used other settings: " + ", ".join(changed)
                      + "; leave these flags out to keep the saved ones")
+    check_random_state(parser, args, state)
     for key in vars(args).keys() - given - INVOCATION_FLAGS - {"run_dir"}:
         setattr(args, key, saved[key])
+
+
+def check_random_state(parser: argparse.ArgumentParser, args: argparse.Namespace, state: dict) -> None:
+    """For --resume: refuse a device whose random generator cannot take the saved state. A CPU generator
+    (Mersenne Twister, 5056 bytes of state) and a CUDA one (Philox, 16 bytes) draw different streams, so
+    the batch order and the noise still to come continue only on the kind of device they were saved on."""
+    try:
+        torch.Generator(device=args.device).set_state(state["generator"])
+    except RuntimeError:
+        cpu_state = len(state["generator"]) == len(torch.Generator().get_state())
+        kind = "cpu" if cpu_state else "cuda"
+        saved = str(state["args"].get("device", kind))
+        saved = saved if saved.startswith(kind) else kind
+        where = " on a machine with CUDA" if kind == "cuda" and not torch.cuda.is_available() else ""
+        parser.error(f"--resume: {args.run_dir} was saved on {saved}, and its random state (the batch order and "
+                     f"the noise still to come) continues only on a {kind} device, not on {args.device}; "
+                     f"resume it with --device {saved}{where}")
 
 
 def compute_losses(encoder: Encoder, decoder: Decoder, x: torch.Tensor, groups: torch.Tensor,
@@ -341,22 +393,52 @@ def save_run(args: argparse.Namespace, encoder: Encoder, decoder: Decoder, optim
                              "args": saved_args(args), **position})
 
 
+def check_finite_save(encoder: Encoder, decoder: Decoder, totals: torch.Tensor | None, epoch: int, step: int) -> None:
+    """Raise TrainingDiverged unless the weights and the loss sums of the epoch so far (`totals`; None at
+    an epoch's end, whose means were checked) are finite, so that a NaN never overwrites the last good
+    save: between saves the loss is checked only every PROGRESS_EVERY steps."""
+    values = [*encoder.parameters(), *decoder.parameters(), *([] if totals is None else [totals])]
+    if not torch.stack([torch.isfinite(value).all() for value in values]).all():
+        sums = "" if totals is None else f" (the loss sums of epoch {epoch + 1} so far: {totals.tolist()})"
+        where = f"epoch {epoch + 1}, step {step}" if step else f"epoch {epoch}"
+        raise TrainingDiverged(f"the loss or the weights became NaN or Inf before the save after {where}{sums}")
+
+
 class StopRequest:
-    """Turns the first Ctrl-C into a flag checked between steps, so a step is never cut in half."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (what `kill`, SLURM and Kubernetes send before they kill
+    a job) into a flag checked between steps, so that a step is never cut in half and the run is saved;
+    a second signal acts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signum = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> "StopRequest":
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C interrupts at once
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        self._restore()
+
+    def exit_saved(self, where: str, resume: str) -> NoReturn:
+        """After the save: say so and exit with status 128 + the signal's number (130 for Ctrl-C, 143 for
+        SIGTERM), as a process ended by that signal does, so that a caller sees the run is not finished."""
+        print(f"\nStopped by {signal.Signals(self.signum).name}: saved {where}; continue with {resume}",
+              file=sys.stderr, flush=True)
+        sys.exit(128 + self.signum)
 
 
 def tensorboard_sources(test: data_loader.ImageSplit, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,29 +477,30 @@ def write_step_losses(writer, pending: list[tuple[int, torch.Tensor]]) -> None:
 
 
 def training_data(args: argparse.Namespace, device: torch.device) -> tuple[data_loader.Batches, data_loader.FolderData]:
-    """The batches of the training images that --classes and --num-train select, and the data set
-    (whose notes are printed first); records the image shape in `args`. UserError when the images are
-    fewer than asked for or cannot fill one batch."""
+    """The batches of the training images that --num-train and --classes select (runs.training_selection),
+    and the data set (whose notes are printed first); records the image shape in `args`. UserError when
+    the images are fewer than asked for or cannot fill one batch."""
     data = data_loader.load_data(data_loader.DataSpec.from_settings(vars(args)), progress=not args.no_progress)
     for note in data.notes:
         print(note, flush=True)
     args.image_shape = list(data.shape)
-    split, where = data.train, f"{args.dataset} training images" + (f" of {args.data_dir}" * (args.dataset == "folder"))
+    split = data.train
+    where = f"{args.dataset} training images" + f" of {args.data_dir}" * (args.dataset == data_loader.FOLDER)
+    if args.classes is not None and args.dataset == data_loader.FOLDER:
+        raise UserError("--classes selects labels of mnist or fashion-mnist; for folder data, list the groups "
+                        "to train on in a --data-list file")
+    if args.num_train is not None and args.num_train_of == NUM_TRAIN_OF and args.num_train > len(split.labels):
+        raise UserError(f"--num-train {args.num_train} exceeds the {len(split.labels)} {where}; pass at most "
+                        f"{len(split.labels)}, or leave it out to use them all")
+    images, labels = training_selection(split.images, split.labels, args.num_train, args.classes, args.num_train_of)
     if args.classes is not None:
-        if args.dataset == data_loader.FOLDER:
-            raise UserError("--classes selects labels of mnist or fashion-mnist; for folder data, list the groups "
-                            "to train on in a --data-list file")
-        keep = torch.isin(split.labels, torch.tensor(args.classes))
-        split = data_loader.ImageSplit(split.images[keep], split.labels[keep], split.groups)
-        missing = sorted(set(args.classes) - set(split.labels.unique().tolist()))
+        among = (f" among the first {args.num_train} (--num-train {args.num_train})"
+                 if args.num_train is not None and args.num_train_of == NUM_TRAIN_OF else "")
+        missing = sorted(set(args.classes) - set(labels.unique().tolist()))
         if missing:
-            raise UserError(f"--classes: no {args.dataset} training image has the label(s) {missing}")
-        where += f" of --classes {' '.join(map(str, args.classes))}"
-    if args.num_train is not None:
-        if args.num_train > len(split.labels):
-            raise UserError(f"--num-train {args.num_train} exceeds the {len(split.labels)} {where}; pass at most "
-                            f"{len(split.labels)}, or leave it out to use them all")
-        split = data_loader.ImageSplit(split.images[: args.num_train], split.labels[: args.num_train], split.groups)
+            raise UserError(f"--classes: no {args.dataset} training image{among} has the label(s) {missing}")
+        where += f" of --classes {' '.join(map(str, args.classes))}{among}"
+    split = data_loader.ImageSplit(images, labels, split.groups)
     if args.images_per_group is not None:
         print(f"group-balanced batches of {args.groups_per_batch} groups x {args.images_per_group} images; "
               + data_loader.describe_groups(split.labels, args.images_per_group), flush=True)
@@ -465,9 +548,12 @@ def train(args: argparse.Namespace) -> Path:
             return args.run_dir
     step_fn = compile_step(optimizer, device) if args.compile else optimization_step
     from tensorboardX import SummaryWriter  # imported late: it is slow to import
-    # On --resume, TensorBoard drops what the stopped run logged after its last save (at later steps).
-    writer = SummaryWriter(str(Path(args.log_dir) / args.run_name), flush_secs=30,
-                           purge_step=iteration + 1 if args.resume else None)
+    log_dir = Path(args.log_dir) / args.run_name
+    # --overwrite replaces the old run's TensorBoard events with its files, at the first save.
+    replaced_events = sorted(log_dir.glob("events.out.tfevents.*")) if args.overwrite else []
+    # TensorBoard drops what the folder logged at the steps this run logs anew: after the last save on
+    # --resume, everything for a new run (a run stopped before its first save, say).
+    writer = SummaryWriter(str(log_dir), flush_secs=30, purge_step=iteration + 1 if args.resume else 0)
     settings = json.dumps(saved_args(args), indent=1, sort_keys=True)  # as args.json holds them
     writer.add_text("settings", "\n".join("    " + line for line in settings.splitlines()), iteration)
     sources = tensorboard_sources(data.test, device) if args.image_every else None
@@ -475,10 +561,14 @@ def train(args: argparse.Namespace) -> Path:
     pending = []  # (iteration, window means) not yet read from the device
 
     def save(at_epoch: int, at_step: int, at_perm: torch.Tensor | None, at_totals: torch.Tensor | None) -> None:
+        check_finite_save(encoder, decoder, at_totals, at_epoch, at_step)
         save_run(args, encoder, decoder, optimizer, generator,
                  {"epoch": at_epoch, "step": at_step, "iteration": iteration, "log": log_rows,
                   "perm": None if at_perm is None else at_perm.cpu(),
                   "totals": None if at_totals is None else at_totals.cpu()})
+        for path in replaced_events:
+            path.unlink(missing_ok=True)
+        replaced_events.clear()
 
     epochs_bar = tqdm(range(epoch, args.epochs), initial=epoch, total=args.epochs, desc=args.run_name,
                       unit="epoch", disable=args.no_progress, dynamic_ncols=True)
@@ -513,9 +603,7 @@ def train(args: argparse.Namespace) -> Path:
                 if stop.requested and step + 1 < steps_per_epoch:
                     write_step_losses(writer, pending)
                     save(epoch, step + 1, perm, totals)
-                    print(f"\nInterrupted: saved {args.run_dir} at epoch {epoch + 1}, step {step + 1}; "
-                          "continue with the same command plus --resume", file=sys.stderr)
-                    return args.run_dir
+                    stop.exit_saved(f"{args.run_dir} at epoch {epoch + 1}, step {step + 1}", resume_command(args))
             steps_bar.close()
             rate = (steps_per_epoch - start_step) * args.batch_size / (time.perf_counter() - start)
             means = (totals / steps_per_epoch).tolist()
@@ -533,9 +621,7 @@ def train(args: argparse.Namespace) -> Path:
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or stop.requested:
                 save(epoch + 1, 0, None, None)
             if stop.requested:
-                print(f"\nInterrupted: saved {args.run_dir} after epoch {epoch + 1}; "
-                      "continue with the same command plus --resume", file=sys.stderr)
-                return args.run_dir
+                stop.exit_saved(f"{args.run_dir} after epoch {epoch + 1}", resume_command(args))
     print(f"Saved to {args.run_dir}")
     return args.run_dir
 
@@ -543,14 +629,14 @@ def train(args: argparse.Namespace) -> Path:
 @reports_errors
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    torch.set_float32_matmul_precision("high")
+    set_float32_precision(args.precision)
     try:
         return train(args)
     except TrainingDiverged as error:
         state = read_run_state(args.run_dir)
         kept = (f"{args.run_dir} keeps its last save (epoch {state['epoch']}, step {state['step']})" if state
                 else "nothing was saved")
-        fp32 = " or --precision fp32" if args.precision == "bf16" else ""
+        fp32 = " or --precision fp32" if args.precision != "fp32" else ""
         fail(f"{error}; {kept}. Start a new run (another --run-name) with a lower --lr than {args.lr:g}{fp32}", 1)
 
 

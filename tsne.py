@@ -7,7 +7,7 @@ Each point is one test image's posterior mean. In the third panel the class code
 mean of the accumulated posterior of the images of its digit within its random batch (as in the
 classifier's "with evidence" rows), so the members of a group share one point.
 
-    python tsne.py --out out/tsne.png                    # default --out: images/tsne_mlvae_eps0.1.png
+    python tsne.py                                       # writes out/tsne_mlvae_eps0.1.png
     python tsne.py --eps-std 0.1 --out out/reference_tsne_eps0.1.png \\
         --encoder $MLVAE_REFERENCE_DIR/encoder_0.1_var_reparam \\
         --decoder $MLVAE_REFERENCE_DIR/decoder_0.1_var_reparam
@@ -28,7 +28,7 @@ from sklearn.manifold import TSNE
 import data_loader
 from evaluation import encode
 from runs import (PLOT_SUFFIXES, POSITIVE, POSITIVE_INT, Bounded, UserError, add_model_arguments, check_writable,
-                  device_and_models, reports_errors, save_figure, script_parser)
+                  device_and_models, reports_errors, repository_path, save_figure, script_parser)
 from utils import accumulate_group_evidence, training_groups
 
 LEGEND_GROUPS = 20  # more groups than this are coloured without a legend
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--evidence-batch", type=POSITIVE_INT, default=256, help="batch size within which a digit's images form a group")
     add("--perplexity", type=POSITIVE, default=30.0, help="t-SNE perplexity (below --num-samples)")
     add("--seed", type=int, default=0, help="seed of the image subset, the batches and t-SNE")
-    add("--out", default=None, help="PNG path (default: images/tsne_<run>.png)")
+    add("--out", default=None, help="PNG path (default: out/tsne_<run>.png in the repository)")
     return parser
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.perplexity >= args.num_samples:
         parser.error(f"--perplexity {args.perplexity:g} must be smaller than --num-samples {args.num_samples}")
     device, encoder, _, settings = device_and_models(parser, args)
-    out = check_writable(args.out or f"images/tsne_{settings.name}.png", "--out", PLOT_SUFFIXES)
+    out = check_writable(args.out or repository_path(f"out/tsne_{settings.name}.png"), "--out", PLOT_SUFFIXES)
     images, labels, names = data_loader.labelled_images(settings.data, "test", device)
     if args.num_samples > len(labels):
         raise UserError(f"--num-samples {args.num_samples} exceeds the {len(labels)} {settings.dataset} test images; "

@@ -69,17 +69,22 @@ def accumulate_group_evidence(class_mu: torch.Tensor, class_logvar: torch.Tensor
 
     For a group g with members i: precision_g = sum_i exp(-logvar_i) and
     mu_g = sum_i mu_i exp(-logvar_i) / precision_g. Returns per-sample rows [B, D] holding the posterior
-    (mean, log-variance) of each sample's group (an empty group's own row, 0/0, is never read).
+    (mean, log-variance) of each sample's group.
+
+    An empty group of a fixed-size index (no member: no evidence) gets the prior N(0, I) in its own
+    row, which no sample reads, so that every value and every gradient stays finite (0/0 and log 0
+    otherwise) and torch.autograd.detect_anomaly() can watch a training step.
     """
     inverse, counts = group_index(groups) if index is None else index
     num_groups, dim = counts.numel(), class_mu.shape[1]
+    empty = (counts == 0).unsqueeze(1)
     log_precision = -class_logvar
     # Subtracting each group's largest log-precision (a constant, hence detached) keeps exp() finite
     # for any log-variance: a log-sum-exp.
     shift = class_mu.new_full((num_groups, dim), -math.inf).scatter_reduce(
-        0, inverse.unsqueeze(1).expand_as(class_mu), log_precision.detach(), reduce="amax")
+        0, inverse.unsqueeze(1).expand_as(class_mu), log_precision.detach(), reduce="amax").masked_fill(empty, 0.0)
     weight = torch.exp(log_precision - shift.index_select(0, inverse))
-    precision = class_mu.new_zeros(num_groups, dim).index_add(0, inverse, weight)
+    precision = class_mu.new_zeros(num_groups, dim).index_add(0, inverse, weight).masked_fill(empty, 1.0)
     group_mu = class_mu.new_zeros(num_groups, dim).index_add(0, inverse, weight * class_mu) / precision
     group_logvar = -(torch.log(precision) + shift)
     return group_mu.index_select(0, inverse), group_logvar.index_select(0, inverse)

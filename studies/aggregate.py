@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from runs import script_parser, write_text_atomic
+from runs import repository_path, script_parser, write_text_atomic
 
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 ANCHORS_START, ANCHORS_END = "<!-- anchors:start -->", "<!-- anchors:end -->"
@@ -55,11 +55,13 @@ LOSS = [("reconstruction, means", ("test_loss", "posterior_means")),
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     add = parser.add_argument
-    add("--results-dir", type=Path, default=Path("results"), help="folder of the eval_*.json files")
-    add("--readme", type=Path, default=Path("README.md"), help="README whose headline block is rewritten")
-    add("--anchors-doc", type=Path, default=Path("docs/reference.md"), help="document whose anchors block is rewritten")
+    add("--results-dir", type=Path, default=repository_path("results"), help="folder of the eval_*.json files")
+    add("--readme", type=Path, default=repository_path("README.md"), help="README whose headline block is rewritten")
+    add("--anchors-doc", type=Path, default=repository_path("docs/reference.md"),
+        help="document whose anchors block is rewritten")
     add("--out", type=Path, default=None, help="headline tables (default: <results-dir>/headline.md)")
-    add("--figure", type=Path, default=Path("images/group_size.png"), help="class accuracy against K, seed means")
+    add("--figure", type=Path, default=repository_path("images/group_size.png"),
+        help="class accuracy against K, seed means")
     add("--check", action="store_true", help="write nothing; exit 1 when a block or table file differs from "
                                              "what the JSON files give")
     return parser

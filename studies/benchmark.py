@@ -39,7 +39,7 @@ import data_loader
 import training
 from networks import HIDDEN, PIXELS, build_networks
 from runs import (POSITIVE_INT, check_writable, idle_threads, pick_device, pick_threads, reports_errors,
-                  script_parser, write_text_atomic)
+                  repository_path, script_parser, set_float32_precision, write_text_atomic)
 
 MNIST_TRAIN = 60000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="all", help="all (the CPU, plus CUDA when present), cpu, cuda or cuda:N")
     add("--threads", type=POSITIVE_INT, default=None,
         help="CPU threads (default: as training.py picks them, one per CPU idle at the start)")
-    add("--data-dir", default="data", help="folder holding MNIST/raw/ IDX files")
+    add("--data-dir", default=repository_path("data"), help="folder holding MNIST/raw/ IDX files")
     add("--json", type=Path, default=None, help="also write the results here")
     return parser
 
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_writable(options.json, "--json")
     threads, why = pick_threads(options.threads)
     torch.set_num_threads(threads)
-    torch.set_float32_matmul_precision("high")  # as training.main does: TF32 matmuls on GPUs that have them
+    set_float32_precision("fp32")  # as training.py runs by default: strict fp32 matmuls (bf16 autocasts the networks)
     defaults = step_args(options.batch_size, "fp32", torch.device("cpu"), False)
     results = {"rows": [], "bounds": [], "split": {}, "batch_size": options.batch_size,
                "step_flops": step_flops(options.batch_size, defaults.style_dim, defaults.class_dim),

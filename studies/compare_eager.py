@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--steps", type=int, default=20, help="steps per round")
     add("--warmup", type=int, default=20, help="untimed steps first")
     add("--threads", type=int, default=2, help="CPU threads in both")
-    add("--data-dir", type=Path, default=Path("data"), help="folder holding MNIST/raw/ IDX files (for both)")
+    add("--data-dir", type=Path, default=Path(__file__).resolve().parents[1] / "data",
+        help="folder holding MNIST/raw/ IDX files (for both)")
     add("--json", type=Path, default=None, help="also write the results here")
     add("--time-here", action="store_true", help=argparse.SUPPRESS)  # one timing process, in a checkout's folder
     return parser

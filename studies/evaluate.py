@@ -41,7 +41,7 @@ import training
 from evaluation import (Posteriors, classifier_protocol, default_judge_path, encode, latent_accuracies,
                         load_pixel_classifier)
 from runs import (ModelSettings, add_model_arguments, check_writable, device_and_models, read_log, reports_errors,
-                  script_parser, write_text_atomic)
+                  repository_path, script_parser, write_text_atomic)
 from studies.group_size import GROUP_SIZES, accuracy_by_group_size
 from studies.swap_score import swap_scores
 from utils import accumulate_group_evidence, reconstruction_loss

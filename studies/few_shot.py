@@ -18,14 +18,14 @@ import torch
 import data_loader
 from evaluation import encode, sample_per_label
 from runs import (POSITIVE_INT, Bounded, add_model_arguments, check_finite, check_label_counts, check_writable,
-                  device_and_models, reports_errors, script_parser, write_text_atomic)
+                  device_and_models, reports_errors, repository_path, script_parser, write_text_atomic)
 from utils import fused_means
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     add_model_arguments(parser)
-    parser.set_defaults(checkpoint_dir="checkpoints/mlvae_eps0.1_classes01234567")
+    parser.set_defaults(checkpoint_dir=repository_path("checkpoints/mlvae_eps0.1_classes01234567"))
     parser.add_argument("--held-out", type=int, nargs="+", choices=range(10), metavar="LABEL", default=[8, 9],
                         help="labels unseen in training (at least two)")
     parser.add_argument("--shots", type=POSITIVE_INT, nargs="+", default=[1, 5, 10], help="labelled images per class")

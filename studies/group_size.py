@@ -26,8 +26,8 @@ from sklearn.neighbors import KNeighborsClassifier
 import data_loader
 from evaluation import draw_evidence_sets, encode, predict, train_latent_classifiers
 from runs import (PLOT_SUFFIXES, POSITIVE_INT, UserError, add_model_arguments, add_split_argument, check_finite,
-                  check_label_counts, check_writable, device_and_models, read_json, reports_errors, save_figure,
-                  script_parser, write_text_atomic)
+                  check_label_counts, check_validation_unseen, check_writable, device_and_models, read_json,
+                  reports_errors, save_figure, script_parser, write_text_atomic)
 from utils import fused_means
 
 GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     compared = [read_curves(path) for path in args.compare]
     device, encoder, _, settings = device_and_models(parser, args)
     (train_x, train_y), (test_x, test_y), note = data_loader.evaluation_splits(settings.data, args.split, device)
+    if args.split == "validation":
+        check_validation_unseen(settings, torch.cat([train_y, test_y]))
     if note:
         print(note)
     # A set smaller than the recipe's batch (small folder data) trains the probe on batches of all of it.

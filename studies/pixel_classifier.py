@@ -22,7 +22,7 @@ import data_loader
 from evaluation import default_judge_path, predict
 from networks import PixelClassifier
 from runs import (POSITIVE, POSITIVE_INT, UserError, atomic_save, check_finite, check_writable, pick_device,
-                  reports_errors, script_parser)
+                  reports_errors, repository_path, script_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

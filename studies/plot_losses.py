@@ -17,14 +17,15 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 
-from runs import DEFAULT_RUN, PLOT_SUFFIXES, check_writable, read_log, reports_errors, save_figure, script_parser
+from runs import (DEFAULT_RUN, PLOT_SUFFIXES, check_writable, read_log, reports_errors, repository_path, save_figure,
+                  script_parser)
 
 TERMS = {"reconstruction": "reconstruction", "style_kl": "style KL", "class_kl": "class KL"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
-    parser.add_argument("--checkpoint-dir", nargs="+", default=[DEFAULT_RUN],
+    parser.add_argument("--checkpoint-dir", nargs="+", default=[repository_path(DEFAULT_RUN)],
                         help="run folders, each holding a log.csv written by training.py")
     parser.add_argument("--out", default=None, help="PNG path (default: losses.png in the first run folder)")
     parser.add_argument("--log-scale", action="store_true", help="logarithmic loss axes")

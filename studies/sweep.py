@@ -5,7 +5,8 @@ measured on train images [50000, 60000) with the committed evaluation scripts: `
 --split validation --both` (the reference's latent-classifier protocol, sampled latents), the same on
 posterior means (`--latents means`) and `studies.group_size
 --split validation --group-sizes 1` (single-image class posterior means under logistic, kNN and MLP probes).
-Runs go to sweeps/<name>/ (not committed); a finished run or evaluation is not redone.
+Runs go to sweeps/<name>/ (not committed) and their TensorBoard logs to sweeps/runs/<name>/ (`tensorboard
+--logdir sweeps/runs`); a finished run or evaluation is not redone.
 
     python -m studies.sweep --epochs 30 --jobs 2 --out out/sweep_validation.md
     python -m studies.sweep --configs paper stylekl4 --epochs 5 --iterations 500    # a quick look
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from data_loader import VALIDATION_START
 from networks import PIXELS
-from runs import (POSITIVE_INT, UserError, check_writable, read_run_state, reports_errors, script_parser, stale_files,
-                  write_text_atomic)
+from runs import (POSITIVE_INT, UserError, check_writable, read_run_state, reports_errors, repository_path,
+                  script_parser, stale_files, write_text_atomic)
 
 # name -> training.py flags on top of the defaults (paper-correct ML-VAE, eps std 0.1, mse).
 CONFIGS = {
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"train on train images [0, N); at most {VALIDATION_START}, so the validation images stay unseen")
     add("--iterations", type=POSITIVE_INT, default=5000, help="classifier.py steps of each latent classifier")
     add("--jobs", type=POSITIVE_INT, default=2, help="configurations run at once, one CPU thread each")
-    add("--sweep-dir", type=Path, default=Path("sweeps"), help="runs are saved in <sweep-dir>/<config>/")
+    add("--sweep-dir", type=Path, default=repository_path("sweeps"),
+        help="runs are saved in <sweep-dir>/<config>/, their TensorBoard logs in <sweep-dir>/runs/<config>/")
     add("--out", type=Path, default=None, help="also write the Markdown table here (and a .json beside it)")
     return parser
 
@@ -71,6 +73,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     if stopped or state is None and not (run_dir / "encoder.pt").is_file():
         commands.append(["training.py", "--num-train", str(args.num_train), "--epochs", str(args.epochs),
                          "--no-progress", "--checkpoint-dir", str(args.sweep_dir), "--run-name", name,
+                         "--log-dir", str(args.sweep_dir / "runs"),
                          "--save-every", str(args.epochs), *CONFIGS[name], *["--resume"] * stopped])
     evaluation = ["--checkpoint-dir", str(run_dir), "--split", "validation"]
     if not (run_dir / "classifier.json").is_file():

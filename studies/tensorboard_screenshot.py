@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from runs import reports_errors, script_parser
+from runs import reports_errors, repository_path, script_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 # --run-all-compositor-stages-before-draw lets the page draw in virtual time; without it, about one
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--window-size", default="1400,1300", help="browser window width,height in pixels")
     add("--render-ms", type=int, default=30000, help="virtual time Chromium gives the page to render")
     add("--colors", type=int, default=64, help="palette size of the saved PNG (keeps it small); 0: full color")
-    add("--out", default="images/tensorboard.png", help="PNG path of the screenshot")
+    add("--out", default=repository_path("images/tensorboard.png"), help="PNG path of the screenshot")
     return parser
 
 

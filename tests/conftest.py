@@ -1,9 +1,12 @@
-"""Shared test fixtures: the repository root on sys.path and the reference's published weights
-($MLVAE_REFERENCE_DIR, default ../shared/reference/checkpoints; tests that need them skip without them)."""
+"""Shared test fixtures: the repository root on sys.path, the reference's published weights
+($MLVAE_REFERENCE_DIR, default ../shared/reference/checkpoints; tests that need them skip without them),
+tiny runs and data, scripts as processes, and fresh git checkouts for commands run with their defaults."""
 import itertools
 import multiprocessing
 import os
 import runpy
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,49 @@ def tiny_data(tmp_path_factory) -> Path:
         header = (2049).to_bytes(4, "big") + count.to_bytes(4, "big")
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels[:count].byte().numpy().tobytes())
     return root
+
+
+# What a user's checkout needs for the default commands: the code, MNIST, the figures and the default model.
+CHECKOUT_FILES = ("*.py", "studies/*.py", ".gitignore", "data/MNIST/raw/*", "images/*", "checkpoints/mlvae_eps0.1/*")
+
+
+def git(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(folder), "-c", "user.name=test", "-c", "user.email=test@invalid", *args],
+                          capture_output=True, text=True, check=True)
+
+
+@pytest.fixture(scope="session")
+def new_checkout(tmp_path_factory):
+    """new_checkout() clones a git repository of this working tree's code, MNIST, figures and default model
+    (CHECKOUT_FILES) into a temporary folder, for the commands a user runs there as they stand (defaults
+    included) without writing into this checkout. Returns the clone's folder."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    root = tmp_path_factory.mktemp("checkouts")
+    template = root / "template"
+    for pattern in CHECKOUT_FILES:
+        for path in ROOT.glob(pattern):
+            target = template / path.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    git(template, "init", "-q")
+    git(template, "add", "-A")
+    git(template, "commit", "-qm", "the files a user's checkout holds")
+    numbers = itertools.count()
+
+    def clone() -> Path:
+        folder = root / f"clone{next(numbers)}"
+        git(root, "clone", "-q", str(template), str(folder))
+        return folder
+
+    return clone
+
+
+def run_python(script: Path, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """`python <script> <args>` in a fresh interpreter run in `cwd`, importing the modules beside the script."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
 # Imported once by the fork server, so that a script process starts in milliseconds, not seconds.

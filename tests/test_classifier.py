@@ -60,3 +60,14 @@ def test_means_protocol_is_recorded_and_differs_from_sampling(tiny_run):
     means = classifier.main(["--checkpoint-dir", str(tiny_run), "--latents", "means", *FAST])[0]
     assert (sampled["latents"], means["latents"]) == ("sampled", "means")
     assert sampled["style_test"] != means["style_test"] or sampled["class_test"] != means["class_test"]
+
+
+def test_validation_scores_of_a_model_that_trained_on_the_validation_images_are_refused(start_script):
+    # The shipped model trained on all 60,000 train images (no --num-train).
+    process = start_script("classifier", "--checkpoint-dir", "checkpoints/mlvae_eps0.1", "--split", "validation",
+                           "--iterations", "3", "--no-progress")
+    assert process.wait() == 2
+    [line] = process.stderr.splitlines()
+    assert line.startswith("error: --split validation: checkpoints/mlvae_eps0.1 trained on mnist train images up "
+                           "to index 59999 (no --num-train in its args.json)") and "--num-train 50000" in line, line
+    assert process.stdout_path.read_text() == ""

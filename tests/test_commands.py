@@ -1,6 +1,7 @@
 """The commands the scripts' docstrings show leave every tracked file as it is (git status unchanged), and
 training never writes into a folder that holds a shipped run."""
 import importlib
+import re
 import shlex
 import shutil
 import subprocess
@@ -8,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_python
+from conftest import git as git_in
 
 SCRIPTS = ["training", "inference", "classifier", "tsne", *(f"studies.{path.stem}" for path in
                                                             sorted((ROOT / "studies").glob("[!_]*.py")))]
 # Without --out these write to a tracked default (images/, checkpoints/), so their examples pass --out.
-WRITE_A_DEFAULT_OUT = {"inference", "tsne", "studies.plot_losses", "studies.pixel_classifier",
-                       "studies.tensorboard_screenshot"}
+WRITE_A_DEFAULT_OUT = {"studies.plot_losses", "studies.pixel_classifier", "studies.tensorboard_screenshot"}
+TINY_TRAINING = ["--epochs", "1", "--num-train", "512", "--batch-size", "64", "--image-every", "0", "--no-progress"]
 
 
 def git(*args) -> subprocess.CompletedProcess:
@@ -71,3 +73,43 @@ def test_training_into_the_shipped_runs_is_refused_and_changes_no_file(start_scr
     assert process.stderr.startswith("error: checkpoints/mlvae_eps0.1 already holds a run")
     assert "--run-name" in process.stderr and "--overwrite" in process.stderr
     assert git("status", "--porcelain").stdout == before
+
+
+def test_a_script_run_from_another_folder_reads_and_writes_the_repositorys_default_folders(new_checkout, tmp_path):
+    checkout, elsewhere = new_checkout(), tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run_python(checkout / "training.py", *TINY_TRAINING, "--run-name", "r", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert list(elsewhere.iterdir()) == []
+    assert (checkout / "out" / "r" / "encoder.pt").is_file() and any((checkout / "runs" / "r").iterdir())
+    assert git_in(checkout, "status", "--porcelain").stdout == ""
+
+
+def test_a_missing_mnist_file_is_not_downloaded_and_the_advice_restores_it(new_checkout, tmp_path):
+    checkout, elsewhere = new_checkout(), tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    missing = checkout.resolve() / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    missing.unlink()
+    done = run_python(checkout / "training.py", *TINY_TRAINING, cwd=elsewhere)
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"error: mnist file {missing}: it is missing."), line
+    assert list(elsewhere.iterdir()) == [] and not (checkout / "out").exists()
+    tracked = {Path(name).name for name in git_in(checkout, "ls-files", "data").stdout.split()}
+    assert {path.name for path in missing.parent.iterdir()} == tracked - {missing.name}  # nothing downloaded
+    assert list(checkout.joinpath("data").iterdir()) == [checkout / "data" / "MNIST"]
+    advice = shlex.split(re.search(r"`(git -C .*)`", line).group(1))
+    subprocess.run(advice, check=True, cwd=elsewhere)
+    done = run_python(checkout / "training.py", *TINY_TRAINING, cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_data_dir_without_mnist_gets_no_download_and_no_folder(new_checkout, tmp_path):
+    checkout = new_checkout()
+    done = run_python(checkout / "training.py", *TINY_TRAINING, "--data-dir", "nodata", cwd=tmp_path)
+    [line] = done.stderr.splitlines()
+    assert done.returncode == 2 and line.startswith(
+        f"error: mnist file nodata/MNIST/raw/train-images-idx3-ubyte.gz: it is missing. To fix it, copy the four "
+        "MNIST IDX files into nodata/MNIST/raw"), line
+    assert not (tmp_path / "nodata").exists()

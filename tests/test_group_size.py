@@ -32,3 +32,13 @@ def test_fused_mean_weights_the_precise_member():
     logvar = torch.log(torch.tensor([[1.0], [1e-4]]))
     z = fused_means(mu, logvar, torch.tensor([[0, 1]]))
     assert abs(z.item() - 10.0) < 0.01
+
+
+def test_validation_split_of_a_model_that_trained_on_all_images_of_its_classes_is_refused(start_script):
+    run = "checkpoints/mlvae_eps0.1_classes01234567"  # all train images of digits 0-7, validation ones included
+    process = start_script("studies.group_size", "--checkpoint-dir", run, "--split", "validation",
+                           "--group-sizes", "1")
+    assert process.wait() == 2
+    [line] = process.stderr.splitlines()
+    assert line.startswith(f"error: --split validation: {run} trained on mnist train images of --classes "
+                           "0 1 2 3 4 5 6 7 up to index") and "--split test" in line, line

@@ -7,6 +7,7 @@ from PIL import Image
 
 import grids
 import inference
+from conftest import git, run_python
 
 CELL = 28  # MNIST
 GRID_PIXELS = 11 * CELL + 9 * grids.GAP + grids.SEPARATOR
@@ -79,3 +80,11 @@ def test_mismatched_dims_give_a_clear_error(tiny_run, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert str(tiny_run / "encoder.pt") in err and "--class-dim 10" in err and "class dim 4" in err
+
+
+def test_inference_without_flags_writes_into_out_and_leaves_git_status_clean(new_checkout):
+    checkout = new_checkout()
+    done = run_python(checkout / "inference.py", cwd=checkout)
+    assert done.returncode == 0, done.stderr
+    assert (checkout / "out" / "swap_mlvae_eps0.1_no_evidence.png").is_file()
+    assert git(checkout, "status", "--porcelain").stdout == ""  # images/ untouched, out/ ignored

@@ -5,12 +5,14 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import runs
 from runs import (BETA, LOG_FIELDS, NONNEGATIVE, POSITIVE, POSITIVE_INT, RUN_FILES, STATE_FILE, ModelLoadError,
+                  ModelSettings, check_validation_unseen, training_selection,
                   UserError, add_model_arguments, atomic_save, check_writable, folder_name, load_models, read_log,
                   read_run_state, stale_files, write_run)
 
@@ -152,3 +154,39 @@ def test_check_writable_refuses_a_folder_for_a_file_and_a_file_for_a_folder(tmp_
         check_writable(tmp_path / "f" / "x.json", "--json")
     assert check_writable(tmp_path / "new" / "x.json", "--json") == tmp_path / "new" / "x.json"
     assert not (tmp_path / "new").exists()
+
+
+TRAIN_LABELS = torch.arange(60000) % 10  # a train split of 60,000 images, labels cycling through 0-9
+
+
+def settings_trained_with(trained: dict) -> ModelSettings:
+    return ModelSettings("mlp", 10, 10, 0.1, "mse", "mnist", Path("run/encoder.pt"), Path("run/decoder.pt"),
+                         trained=trained)
+
+
+@pytest.mark.parametrize("trained,unseen", [
+    ({"num_train": 50000, "classes": None}, True),
+    ({"num_train": 50001, "classes": None}, False),
+    ({"num_train": None, "classes": [0, 1]}, False),
+    ({"num_train": 50000, "classes": [0, 1, 2, 3, 4, 5, 6, 7, 8], "num_train_of": "split"}, True),
+    # saved before args.json recorded num_train_of: 50,000 images of digits 0-8 reach index 55,554
+    ({"num_train": 50000, "classes": [0, 1, 2, 3, 4, 5, 6, 7, 8]}, False),
+    ({"num_train": 40000, "classes": [0, 1, 2, 3, 4, 5, 6, 7, 8]}, True),
+    ({"num_train": None, "classes": None, "dataset": "fashion-mnist"}, True),  # saw no MNIST image
+    ({}, False),  # weights without args.json: what they trained on is unknown
+])
+def test_validation_is_refused_unless_args_json_shows_the_validation_images_unseen(trained, unseen):
+    settings = settings_trained_with(trained)
+    if unseen:
+        check_validation_unseen(settings, TRAIN_LABELS)
+    else:
+        with pytest.raises(UserError, match="--split validation: run .*--num-train 50000"):
+            check_validation_unseen(settings, TRAIN_LABELS)
+
+
+def test_num_train_counts_the_images_of_the_train_split_before_classes_picks_its_labels():
+    index = torch.arange(60000)
+    chosen, labels = training_selection(index, TRAIN_LABELS, 100, [3, 4])
+    assert chosen.tolist() == [i for i in range(100) if i % 10 in (3, 4)]
+    before, _ = training_selection(index, TRAIN_LABELS, 100, [3, 4], "classes")  # as runs saved before counted
+    assert len(before) == 100 and before.max() == 494

@@ -23,6 +23,8 @@ def test_sweep_trains_evaluates_and_tabulates_without_redoing_work(tmp_path, cap
     table = (tmp_path / "table.md").read_text()
     assert "| stylekl4 | `--style-kl-coef 4` |" in table and "0-511" in table
     assert json.loads((tmp_path / "table.json").read_text()) == rows
+    for config in ("paper", "stylekl4"):  # TensorBoard logs beside the runs, not in the checkout's runs/
+        assert list((tmp_path / "sw" / "runs" / config).glob("events.out.tfevents.*"))
     log = (tmp_path / "sw" / "paper" / "sweep.log").stat().st_mtime
     assert sweep.main(argv) == rows  # everything cached: nothing is trained or evaluated again
     assert (tmp_path / "sw" / "paper" / "sweep.log").stat().st_mtime == log

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import inference
 import training
+from runs import read_log
 
 TERMS = ("reconstruction", "style_kl", "class_kl")
 EIGHT_BITS = 1.5 / 255  # tensorboardX truncates pixels to 8 bits where save_image rounds
@@ -110,3 +112,30 @@ def test_resume_replaces_what_was_logged_after_the_last_save(tmp_path):
     events = read_events(tmp_path)
     assert [e.step for e in events.Scalars("loss/reconstruction")] == [8, 16]
     assert [e.step for e in events.Scalars("loss_steps/reconstruction")] == [4, 8, 12, 16]
+
+
+def test_overwrite_leaves_only_the_new_runs_events(tmp_path):
+    train(tmp_path, "--epochs", "2", "--image-every", "0")
+    time.sleep(1.1)  # event files are named by the second they were opened in
+    run_dir = train(tmp_path, "--overwrite", "--epochs", "1", "--seed", "1", "--image-every", "0")
+    assert len(list((tmp_path / "runs" / "r").iterdir())) == 1  # the old run's event file is gone
+    events = read_events(tmp_path)
+    [epoch] = events.Scalars("loss/reconstruction")
+    [row] = read_log(run_dir / "log.csv")
+    assert epoch.step == 8 and epoch.value == pytest.approx(float(row["reconstruction"]), rel=1e-5)
+    assert [e.step for e in events.Scalars("loss_steps/reconstruction")] == [4, 8]
+    [text] = events.Tensors("settings/text_summary")
+    assert '"seed": 1' in text.tensor_proto.string_val[0].decode()
+
+
+def test_a_new_run_hides_the_events_of_a_run_that_was_never_saved(tmp_path):
+    # Events left in runs/r by a run whose folder holds no save (killed before it, or deleted). The
+    # reader of TensorBoard's server drops them all, as it drops a resumed run's events after its save.
+    run_dir = train(tmp_path, "--epochs", "2", "--image-every", "0")
+    shutil.rmtree(run_dir)
+    time.sleep(1.1)
+    train(tmp_path, "--epochs", "1", "--seed", "1", "--image-every", "0")
+    events = plugin_event_accumulator.EventAccumulator(str(tmp_path / "runs" / "r")).Reload()
+    assert [e.step for e in events.Tensors("loss/reconstruction")] == [8]
+    [text] = events.Tensors("settings/text_summary")
+    assert '"seed": 1' in text.tensor_proto.string_val[0].decode()

@@ -2,14 +2,18 @@
 import csv
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
+import time
 
 import pytest
 import torch
 
 import training
 from networks import Decoder, Encoder
-from runs import RUN_FILES, STATE_FILE, stale_files
+from runs import RUN_FILES, STATE_FILE, read_run_state, set_float32_precision, stale_files, write_run
 
 SMALL = ["--num-train", "512", "--batch-size", "64", "--no-progress"]
 
@@ -96,12 +100,34 @@ def ctrl_c_runs(tmp_path_factory):
             os.kill(os.getpid(), signal.SIGINT)
         return original_step(*args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises(SystemExit) as exit_info:
         monkeypatch.setattr(training, "train_step", interrupting_step)
-        interrupted = run(tmp_path, "--epochs", "3", "--run-name", "split")
+        run(tmp_path, "--epochs", "3", "--run-name", "split")
+    assert exit_info.value.code == 128 + signal.SIGINT
+    interrupted = tmp_path / "ck" / "split"
     state = torch.load(interrupted / "training_state.pt", weights_only=True)
     run(tmp_path, "--epochs", "3", "--run-name", "split", "--resume")
     return straight, interrupted, state
+
+
+def test_the_command_advised_after_ctrl_c_in_an_overwrite_run_resumes_it(tmp_path, monkeypatch, capsys):
+    run(tmp_path, "--epochs", "1", "--run-name", "r")
+    original_step = training.train_step
+
+    def interrupting_step(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", interrupting_step)
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--epochs", "2", "--run-name", "r", "--overwrite", "--seed", "1")
+    monkeypatch.undo()
+    advice = capsys.readouterr().err.strip().splitlines()[-1]
+    command = shlex.split(re.search("continue with `(.*)`$", advice).group(1))
+    assert command[:2] == ["python", "training.py"] and "--overwrite" not in command
+    run_dir = training.main(command[2:])
+    assert [row["epoch"] for row in read_rows(run_dir)] == ["1", "2"]
+    assert json.loads((run_dir / "args.json").read_text())["seed"] == 1
 
 
 def test_ctrl_c_saves_in_the_middle_of_the_epoch(ctrl_c_runs):
@@ -236,3 +262,137 @@ def test_classes_flag_trains_only_on_those_labels(tmp_path, monkeypatch):
     run_dir = run(tmp_path, "--epochs", "1", "--classes", "0", "1", "7")
     assert run_dir.name == "mlvae_eps0.1_classes017"
     assert set(torch.cat(seen).tolist()) == {0, 1, 7}
+
+
+def test_resume_on_a_device_whose_generator_cannot_take_the_saved_random_state_is_refused(tiny_run, tmp_path,
+                                                                                       start_script):
+    # A CUDA generator's state is 16 bytes (seed and offset), a CPU generator's 5056: a run saved on a GPU.
+    run_dir = tmp_path / "ck" / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    write_run(run_dir, {**read_run_state(run_dir), "generator": torch.zeros(16, dtype=torch.uint8)})
+    saved = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    process = start_script("training", "--checkpoint-dir", tmp_path / "ck", "--run-name", "tiny", "--resume",
+                           "--epochs", "2", "--device", "cpu", "--log-dir", tmp_path / "runs", "--no-progress")
+    assert process.wait() == 2
+    [line] = process.stderr.splitlines()
+    assert line.startswith(f"error: --resume: {run_dir} was saved on cuda") and line.endswith("--device cuda" + (
+        "" if torch.cuda.is_available() else " on a machine with CUDA")), line
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == saved
+    assert not (tmp_path / "runs").exists()
+
+
+def recorded_batches(monkeypatch) -> list[torch.Tensor]:
+    """The images of every training step from now on (train_step wrapped)."""
+    seen = []
+    original_step = training.train_step
+
+    def recording_step(encoder, decoder, optimizer, x, *rest):
+        seen.append(x)
+        return original_step(encoder, decoder, optimizer, x, *rest)
+
+    monkeypatch.setattr(training, "train_step", recording_step)
+    return seen
+
+
+def test_num_train_takes_the_first_images_of_the_train_split_and_classes_picks_among_them(tmp_path, monkeypatch):
+    images, labels = training.data_loader.load_split("data", "train")
+    first = images[:1200].flatten(1)[torch.isin(labels[:1200], torch.tensor([0, 1]))]  # 255 images
+    seen = recorded_batches(monkeypatch)
+    run(tmp_path, "--epochs", "1", "--classes", "0", "1", "--num-train", "1200", "--run-name", "r")
+    assert len(seen) == len(first) // 64  # not the 1200 // 64 of the first 1200 images of digits 0 and 1
+    trained = torch.cat(seen)
+    assert (trained.unsqueeze(1) == first.unsqueeze(0)).all(2).any(1).all()
+
+
+def test_resume_of_a_run_saved_before_num_train_of_was_recorded_keeps_counting_among_its_classes(tmp_path,
+                                                                                               monkeypatch):
+    run_dir = run(tmp_path, "--epochs", "1", "--classes", "0", "1", "--num-train", "1200", "--run-name", "r")
+    state = read_run_state(run_dir)
+    old_args = {key: value for key, value in state["args"].items() if key != "num_train_of"}
+    write_run(run_dir, {**state, "args": old_args})  # as saved when --num-train counted images of --classes
+    seen = recorded_batches(monkeypatch)
+    training.main(["--epochs", "2", "--run-name", "r", "--resume", "--checkpoint-dir", str(tmp_path / "ck"),
+                   "--log-dir", str(tmp_path / "runs"), "--no-progress"])
+    assert len(seen) == 1200 // 64
+    assert json.loads((run_dir / "args.json").read_text())["num_train_of"] == "classes"
+
+
+@pytest.mark.parametrize("flags", [["--classes", "0", "1"], ["--group-size", "5"]])
+def test_a_run_with_empty_group_slots_trains_under_anomaly_detection(tmp_path, flags):
+    # Both leave slots of the fixed-size group index empty at every step.
+    with torch.autograd.detect_anomaly():
+        run_dir = run(tmp_path, "--epochs", "1", "--num-train", "1200", "--run-name", "r", *flags)
+    assert [row["epoch"] for row in read_rows(run_dir)] == ["1"]
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (Linux: the SigCgt mask in /proc)."""
+    status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return bool(int(status["SigCgt"], 16) >> (signum - 1) & 1)
+
+
+def test_sigterm_saves_and_exits_143_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_data, start_script):
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc to see when the run's signal handler is installed")
+    common = ["--num-train", "512", "--batch-size", "64", "--data-dir", tiny_data, "--checkpoint-dir", tmp_path / "ck",
+              "--log-dir", tmp_path / "runs", "--image-every", "0", "--no-progress"]
+    process = start_script("training", *common, "--run-name", "term", "--epochs", "1000", "--save-every", "1000")
+    while process.process.is_alive() and not catches(process.process.pid, signal.SIGTERM):
+        time.sleep(0.01)
+    time.sleep(0.5)  # some steps
+    os.kill(process.process.pid, signal.SIGTERM)
+    assert process.wait() == 143, process.stderr
+    state = read_run_state(tmp_path / "ck" / "term")
+    assert f"Stopped by SIGTERM: saved {tmp_path / 'ck' / 'term'} " in process.stderr
+    assert 0 < state["iteration"] and state["epoch"] < 1000
+    epochs = str(state["epoch"] + 1)
+    resumed = start_script("training", *common, "--run-name", "term", "--resume", "--epochs", epochs)
+    straight = start_script("training", *common, "--run-name", "straight", "--epochs", epochs)
+    assert resumed.wait() == 0 and straight.wait() == 0, resumed.stderr + straight.stderr
+    assert_same_weights(weights(tmp_path / "ck" / "straight"), weights(tmp_path / "ck" / "term"))
+
+
+def test_ctrl_c_right_after_a_nan_loss_keeps_the_last_good_save(tmp_path, monkeypatch, capsys):
+    # The loss is checked every PROGRESS_EVERY (25) steps; this NaN and the Ctrl-C fall in between.
+    run_dir = run(tmp_path, "--epochs", "1", "--run-name", "r")
+    good = weights(run_dir)
+    calls = {"n": 0}
+
+    def nan_then_ctrl_c(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return nan_losses() if calls["n"] >= 3 else original(*args)
+
+    original = training.compute_losses
+    monkeypatch.setattr(training, "compute_losses", nan_then_ctrl_c)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--epochs", "2", "--run-name", "r", "--resume")
+    assert exit_info.value.code == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: the loss or the weights became NaN or Inf before the save after epoch 2, step 3")
+    assert f"{run_dir} keeps its last save (epoch 1, step 0)" in line
+    state = read_run_state(run_dir)
+    assert (state["epoch"], state["step"]) == (1, 0)
+    assert_same_weights(good, weights(run_dir))
+
+
+def test_resume_takes_classes_as_a_set(tmp_path):
+    run_dir = run(tmp_path, "--epochs", "1", "--classes", "8", "9")
+    assert run(tmp_path, "--epochs", "2", "--classes", "9", "8", "8", "--resume") == run_dir
+    assert json.loads((run_dir / "args.json").read_text())["classes"] == [8, 9]
+    assert [row["epoch"] for row in read_rows(run_dir)] == ["1", "2"]
+
+
+@pytest.mark.parametrize("precision,other,state", [("fp32", "tf32", ("highest", False)),
+                                                   ("tf32", "fp32", ("high", True))])
+def test_precision_says_whether_float32_matmuls_and_convolutions_may_run_in_tf32(tmp_path, precision, other, state):
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    set_float32_precision(other)  # the state the run must change
+    try:
+        run_dir = run(tmp_path, "--epochs", "1", "--run-name", "r", "--precision", precision)
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == state
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+    assert json.loads((run_dir / "args.json").read_text())["precision"] == precision

@@ -3,6 +3,7 @@ import pytest
 from PIL import Image
 
 import tsne
+from conftest import git, run_python
 
 
 def test_writes_the_three_maps_as_png(tiny_run, tmp_path, capsys):
@@ -29,3 +30,11 @@ def test_too_many_samples_are_rejected(tiny_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tsne.main(["--checkpoint-dir", str(tiny_run), "--num-samples", "20000"])
     assert exit_info.value.code == 2 and "--num-samples" in capsys.readouterr().err
+
+
+def test_tsne_without_out_writes_into_out_and_leaves_git_status_clean(new_checkout):
+    checkout = new_checkout()
+    done = run_python(checkout / "tsne.py", "--num-samples", "60", "--perplexity", "5", cwd=checkout)
+    assert done.returncode == 0, done.stderr
+    assert (checkout / "out" / "tsne_mlvae_eps0.1.png").is_file()
+    assert git(checkout, "status", "--porcelain").stdout == ""

@@ -46,6 +46,31 @@ def test_fixed_size_index_with_empty_groups_equals_the_naive_product_and_keeps_g
     assert torch.isfinite(mu.grad).all() and torch.isfinite(logvar.grad).all()
 
 
+def test_empty_groups_of_a_fixed_size_index_change_no_value_and_no_gradient_of_the_others():
+    gen = torch.Generator().manual_seed(1)
+    groups = torch.randint(0, 5, (256,), generator=gen) * 2  # 5 of the 10 slots empty
+    results = []
+    for index in (group_index(groups), group_index(groups, num_groups=10)):  # compact: no empty slot
+        mu = torch.randn(256, 7, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        logvar = (3 * torch.randn(256, 7, generator=torch.Generator().manual_seed(2))).requires_grad_()
+        group_mu, group_logvar = accumulate_group_evidence(mu, logvar, groups, index)
+        loss = (group_mu * torch.arange(7.0)).sum() + group_logvar.pow(2).sum()
+        results.append((group_mu, group_logvar, *torch.autograd.grad(loss, [mu, logvar])))
+    assert all(torch.equal(compact, fixed) for compact, fixed in zip(*results))  # bitwise
+
+
+def test_empty_groups_compute_no_nan_under_anomaly_detection():
+    mu = torch.randn(6, 3, requires_grad=True)
+    logvar = torch.randn(6, 3, requires_grad=True)
+    groups = torch.tensor([0, 0, 3, 3, 3, 7])
+    index = group_index(groups, num_groups=10)
+    with torch.autograd.detect_anomaly():
+        _, _, _, class_kl = latent_layer(torch.zeros(6, 2), torch.zeros(6, 2), mu, logvar, groups, 0.1, index=index,
+                                         noise=(torch.randn(6, 2), torch.randn(10, 3)))
+        class_kl.backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(logvar.grad).all() and mu.grad.abs().sum() > 0
+
+
 def test_given_noise_is_the_noise_used():
     mu, logvar = torch.zeros(4, 3), torch.zeros(4, 3)
     eps = torch.randn(6, 3)
