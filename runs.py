@@ -422,8 +422,14 @@ def check_validation_unseen(settings: ModelSettings, train_labels: torch.Tensor)
     if not trained:
         raise UserError(f"--split validation: {run} has no args.json to say which images {settings.encoder_path.name} "
                         f"trained on, so its validation images may have been among them; {instead}")
-    if trained.get("dataset", MODEL_DEFAULTS["dataset"]) != settings.dataset:
+    if trained.get("dataset", DATA_DEFAULTS.dataset) != settings.dataset:
         return  # trained on another data set: it saw none of these images
+    if settings.dataset == FOLDER:
+        if not trained.get("hold_out_validation"):
+            raise UserError(f"--split validation: {run} trained on every train image of {settings.data.data_dir}, "
+                            "the validation images among them; pass --split test, or choose settings with a model "
+                            "trained by training.py with --hold-out-validation")
+        return
     num_train, classes = trained.get("num_train"), trained.get("classes")
     seen, _ = training_selection(torch.arange(len(train_labels), device=train_labels.device), train_labels,
                                  num_train, classes, trained.get("num_train_of", NUM_TRAIN_OF_BEFORE))

@@ -48,7 +48,7 @@ from utils import group_index, latent_layer, reconstruction_loss
 RUN_SETTINGS = ("dataset", "data_list", "split_list", "image_size", "channels", "groups_per_batch",
                 "images_per_group", "arch", "style_dim", "class_dim", "likelihood", "eps_std", "detach_class_posterior",
                 "class_kl_per_sample", "reconstruction_coef", "kl_coef", "style_kl_coef", "group_size",
-                "batch_size", "lr", "beta1", "beta2", "num_train", "num_train_of", "classes", "seed", "precision")
+                "batch_size", "lr", "beta1", "beta2", "num_train", "num_train_of", "classes", "hold_out_validation", "seed", "precision")
 # Settings that runs saved before args.json recorded them ran with another value than today's default.
 SAVED_BEFORE = {"num_train_of": NUM_TRAIN_OF_BEFORE}
 PROGRESS_EVERY = 25  # steps between progress-bar updates and NaN checks (each one syncs the device)
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
              f"({data_loader.VALIDATION_START} leaves the validation images unseen; default: all)")
     add("--classes", type=NONNEGATIVE_INT, nargs="+", metavar="LABEL", default=None,
         help="train only on images of these labels, e.g. 0 1 2 3 4 5 6 7 to hold digits 8 and 9 out")
+    add("--hold-out-validation", action="store_true",
+        help="folder data: leave the validation images out of training (the last sixth of each group's train "
+             "images, or of the train groups where the test groups are unseen), for --split validation")
     add("--seed", type=int, default=0, help="seed of the weights, the batch order and the noise")
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     add("--threads", type=POSITIVE_INT, default=None,
@@ -493,6 +496,13 @@ def training_data(args: argparse.Namespace, device: torch.device) -> tuple[data_
         raise UserError(f"--num-train {args.num_train} exceeds the {len(split.labels)} {where}; pass at most "
                         f"{len(split.labels)}, or leave it out to use them all")
     images, labels = training_selection(split.images, split.labels, args.num_train, args.classes, args.num_train_of)
+    if args.hold_out_validation:
+        if args.dataset != data_loader.FOLDER:
+            raise UserError(f"--hold-out-validation is for folder data; on {args.dataset} pass --num-train "
+                            f"{data_loader.VALIDATION_START} to leave the validation images unseen")
+        keep = ~data_loader.validation_rows(labels, data_loader.align_test_groups(data.train, data.test) is None)
+        images, labels = images[keep], labels[keep]
+        where += " outside the validation split"
     if args.classes is not None:
         among = (f" among the first {args.num_train} (--num-train {args.num_train})"
                  if args.num_train is not None and args.num_train_of == NUM_TRAIN_OF else "")
@@ -513,6 +523,46 @@ def training_data(args: argparse.Namespace, device: torch.device) -> tuple[data_
     return batches, data
 
 
+def restore_run(args: argparse.Namespace, encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Optimizer,
+                generator: torch.Generator) -> dict:
+    """Load the saved run into the networks, the optimizer and the generator; returns the saved state
+    (its epoch, step, iteration, perm, totals and log say where the schedule stands). Rewrites the files
+    of a save cut short."""
+    state = read_run_state(args.run_dir)
+    if "encoder" not in state:  # saved before training_state.pt held the whole run
+        state.update({name: torch.load(args.run_dir / f"{name}.pt", weights_only=True, map_location="cpu")
+                      for name in ("encoder", "decoder")}, log=read_log(args.run_dir / "log.csv", state["epoch"]))
+    encoder.load_state_dict(state["encoder"])
+    decoder.load_state_dict(state["decoder"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    write_run(args.run_dir, {**state, "args": saved_args(args)})
+    return state
+
+
+def open_writer(args: argparse.Namespace, iteration: int):
+    """The run's TensorBoard writer, with its settings as text, and the event files of the run that
+    --overwrite replaces (deleted at the first save)."""
+    from tensorboardX import SummaryWriter  # imported late: it is slow to import
+
+    log_dir = Path(args.log_dir) / args.run_name
+    replaced_events = sorted(log_dir.glob("events.out.tfevents.*")) if args.overwrite else []
+    # TensorBoard drops what the folder logged at the steps this run logs anew: after the last save on
+    # --resume, everything for a new run (a run stopped before its first save, say).
+    writer = SummaryWriter(str(log_dir), flush_secs=30, purge_step=iteration + 1 if args.resume else 0)
+    settings = json.dumps(saved_args(args), indent=1, sort_keys=True)  # as args.json holds them
+    writer.add_text("settings", "\n".join("    " + line for line in settings.splitlines()), iteration)
+    return writer, replaced_events
+
+
+def log_epoch(writer, log_rows: list[dict], epoch: int, iteration: int, means: list[float], rate: float) -> None:
+    """Append the epoch's row to the log and write its means and speed to TensorBoard."""
+    log_rows.append(dict(zip(LOG_FIELDS, [epoch + 1, iteration, *(f"{v:.6g}" for v in means), f"{rate:.0f}"])))
+    for name, value in zip(LOG_FIELDS[2:5], means):
+        writer.add_scalar(f"loss/{name}", value, iteration)
+    writer.add_scalar("speed/images_per_s", rate, iteration)
+
+
 def train(args: argparse.Namespace) -> Path:
     """Run (or resume) the training described by parsed `args`; returns the run folder."""
     device = args.device
@@ -526,36 +576,18 @@ def train(args: argparse.Namespace) -> Path:
                                                                   args.likelihood, tuple(args.image_shape)))
     optimizer = make_optimizer(encoder, decoder, args)
     steps_per_epoch = batches.steps_per_epoch
-    epoch, step, iteration, perm, partial, log_rows = 0, 0, 0, None, None, []
     for tmp in args.run_dir.glob("*.tmp"):  # left by a process killed while saving
         tmp.unlink()
-    if args.resume:
-        state = read_run_state(args.run_dir)
-        if "encoder" not in state:  # saved before training_state.pt held the whole run
-            state.update({name: torch.load(args.run_dir / f"{name}.pt", weights_only=True, map_location="cpu")
-                          for name in ("encoder", "decoder")}, log=read_log(args.run_dir / "log.csv", state["epoch"]))
-        encoder.load_state_dict(state["encoder"])
-        decoder.load_state_dict(state["decoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        epoch, step, iteration = state["epoch"], state["step"], state["iteration"]
-        perm = None if state["perm"] is None else state["perm"].to(device)
-        partial, log_rows = state.get("totals"), state["log"]
-        write_run(args.run_dir, {**state, "args": saved_args(args)})  # repairs the files of a save cut short
-        if epoch >= args.epochs:
-            print(f"{args.run_dir} is already finished ({epoch} epochs, --epochs {args.epochs}); pass a larger "
-                  "--epochs to train it further")
-            return args.run_dir
+    position = restore_run(args, encoder, decoder, optimizer, generator) if args.resume else {}
+    epoch, step, iteration = (position.get(key, 0) for key in ("epoch", "step", "iteration"))
+    perm = None if position.get("perm") is None else position["perm"].to(device)
+    partial, log_rows = position.get("totals"), position.get("log", [])
+    if epoch >= args.epochs:
+        print(f"{args.run_dir} is already finished ({epoch} epochs, --epochs {args.epochs}); pass a larger "
+              "--epochs to train it further")
+        return args.run_dir
     step_fn = compile_step(optimizer, device) if args.compile else optimization_step
-    from tensorboardX import SummaryWriter  # imported late: it is slow to import
-    log_dir = Path(args.log_dir) / args.run_name
-    # --overwrite replaces the old run's TensorBoard events with its files, at the first save.
-    replaced_events = sorted(log_dir.glob("events.out.tfevents.*")) if args.overwrite else []
-    # TensorBoard drops what the folder logged at the steps this run logs anew: after the last save on
-    # --resume, everything for a new run (a run stopped before its first save, say).
-    writer = SummaryWriter(str(log_dir), flush_secs=30, purge_step=iteration + 1 if args.resume else 0)
-    settings = json.dumps(saved_args(args), indent=1, sort_keys=True)  # as args.json holds them
-    writer.add_text("settings", "\n".join("    " + line for line in settings.splitlines()), iteration)
+    writer, replaced_events = open_writer(args, iteration)
     sources = tensorboard_sources(data.test, device) if args.image_every else None
     window, window_start = torch.zeros(3, device=device), iteration  # loss sums of the --log-every window
     pending = []  # (iteration, window means) not yet read from the device
@@ -609,11 +641,7 @@ def train(args: argparse.Namespace) -> Path:
             means = (totals / steps_per_epoch).tolist()
             if not all(map(math.isfinite, means)):
                 raise TrainingDiverged(f"the mean loss of epoch {epoch + 1} became {means}")
-            row = dict(zip(LOG_FIELDS, [epoch + 1, iteration, *(f"{v:.6g}" for v in means), f"{rate:.0f}"]))
-            log_rows.append(row)
-            for name, value in zip(LOG_FIELDS[2:5], means):
-                writer.add_scalar(f"loss/{name}", value, iteration)
-            writer.add_scalar("speed/images_per_s", rate, iteration)
+            log_epoch(writer, log_rows, epoch, iteration, means, rate)
             if args.image_every and (epoch + 1) % args.image_every == 0:
                 log_images(writer, encoder, decoder, sources, iteration)
             epochs_bar.set_postfix(rec=f"{means[0]:.4f}", img_s=f"{rate:.0f}")

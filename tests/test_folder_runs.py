@@ -168,3 +168,16 @@ def test_a_test_group_missing_from_train_is_one_error_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "yak" in err[0]
+
+
+def test_validation_needs_a_run_that_held_the_validation_images_out(tmp_path, folder_data, capsys):
+    seen = train(tmp_path / "a", folder_data, "--epochs", "1", "--image-every", "0")
+    with pytest.raises(SystemExit):
+        classifier.main(["--checkpoint-dir", str(seen), "--split", "validation", "--iterations", "20",
+                         "--batch-size", "4", "--no-progress"])
+    assert "--hold-out-validation" in capsys.readouterr().err
+    held = train(tmp_path / "b", folder_data, "--epochs", "1", "--image-every", "0", "--hold-out-validation")
+    capsys.readouterr()
+    row = classifier.main(["--checkpoint-dir", str(held), "--split", "validation", "--iterations", "20",
+                            "--batch-size", "4", "--no-progress"])
+    assert 0 <= row[0]["class_test"] <= 100

@@ -287,7 +287,7 @@ def recorded_batches(monkeypatch) -> list[torch.Tensor]:
     original_step = training.train_step
 
     def recording_step(encoder, decoder, optimizer, x, *rest):
-        seen.append(x)
+        seen.append(x.flatten(1))
         return original_step(encoder, decoder, optimizer, x, *rest)
 
     monkeypatch.setattr(training, "train_step", recording_step)
