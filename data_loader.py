@@ -1,9 +1,11 @@
-"""The data: MNIST-style IDX datasets as whole tensors, folders of grouped images, and the reference's
-minibatch schedule.
+"""The data: MNIST-style IDX datasets as whole tensors, folders of grouped images, and the batches.
 
-A split is loaded once into two tensors: images float32 in [0, 1] with shape [N, 1, 28, 28] and
-labels int64 with shape [N]. Training indexes them with a fresh permutation each epoch, so the hot
-path has no per-sample Python code and the data can live on the GPU.
+A split is loaded once into two tensors: images uint8 [N, C, H, W] (MNIST: [N, 1, 28, 28]) and
+labels int64 [N], the group ids. `Batches`, the one batch path of training, the benchmark and the
+evaluations, gathers each batch by index (a fresh permutation each epoch, the reference's random
+batches, or group-balanced ones of G groups of K images) and turns it into float32 in [0, 1] on the
+device, so the hot path has no per-sample Python code and the data can live on the GPU.
+`DataSpec` names a data set as args.json records it; `load_data` reads either kind.
 
 The IDX files are read directly (gzip-compressed or not) from `<data-dir>/<Folder>/raw/`, the layout
 torchvision uses; MNIST ships with this repository under `data/MNIST/raw/` and is never downloaded.

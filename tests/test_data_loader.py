@@ -59,7 +59,7 @@ def test_garbage_file_gives_the_clear_error(tmp_path):
 
 def test_missing_file_says_how_to_fix_it(tmp_path, monkeypatch):
     monkeypatch.setattr(data_loader, "_download_with_torchvision", lambda *a: None)
-    with pytest.raises(data_loader.DatasetFileError, match="missing.*git checkout"):
+    with pytest.raises(data_loader.DatasetFileError, match="missing.*git -C .* checkout -- data/MNIST/raw"):
         data_loader.load_split(tmp_path, "train")
 
 

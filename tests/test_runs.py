@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_loader import DataSpec
 import runs
 from runs import (BETA, LOG_FIELDS, NONNEGATIVE, POSITIVE, POSITIVE_INT, RUN_FILES, STATE_FILE, ModelLoadError,
                   ModelSettings, check_validation_unseen, training_selection,
@@ -160,8 +161,8 @@ TRAIN_LABELS = torch.arange(60000) % 10  # a train split of 60,000 images, label
 
 
 def settings_trained_with(trained: dict) -> ModelSettings:
-    return ModelSettings("mlp", 10, 10, 0.1, "mse", "mnist", Path("run/encoder.pt"), Path("run/decoder.pt"),
-                         trained=trained)
+    return ModelSettings("mlp", 10, 10, 0.1, "mse", [1, 28, 28], DataSpec(), Path("run/encoder.pt"),
+                         Path("run/decoder.pt"), trained=trained)
 
 
 @pytest.mark.parametrize("trained,unseen", [
