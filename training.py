@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run saved under <checkpoint-dir>/<run-name>/ with its saved settings (flags given "
              "must agree with them, except --epochs and the logging ones); also repairs a save cut short")
     add("--overwrite", action="store_true",
-        help="start afresh in a run folder that already holds a run, replacing it at the first save")
+        help="start afresh in a run folder that already holds a run, replacing it and its TensorBoard events at "
+             "the first save")
     add("--log-dir", default=repository_path("runs"), help="tensorboard logs go to <log-dir>/<run-name>/")
     add("--log-every", type=POSITIVE_INT, default=50,
         help="steps between tensorboard points of the loss terms (their mean over those steps)")

@@ -1,5 +1,6 @@
 """Data: the shipped MNIST loads as tensors; broken files give one clear error."""
 import gzip
+import re
 import shutil
 
 import pytest
@@ -57,10 +58,16 @@ def test_garbage_file_gives_the_clear_error(tmp_path):
         data_loader.load_split(tmp_path, "test")
 
 
-def test_missing_file_says_how_to_fix_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_loader, "_download_with_torchvision", lambda *a: None)
-    with pytest.raises(data_loader.DatasetFileError, match="missing.*git -C .* checkout -- data/MNIST/raw"):
+def test_a_missing_mnist_file_is_not_downloaded_and_the_message_says_how_to_fix_it(tmp_path, monkeypatch):
+    def download(*args):
+        raise AssertionError("MNIST ships with the repository: nothing is downloaded")
+
+    monkeypatch.setattr(data_loader, "_download_with_torchvision", download)
+    fix = (re.escape(f"missing. To fix it, copy the four MNIST IDX files into {tmp_path / 'MNIST' / 'raw'} ")
+           + ".*" + re.escape(f"`git -C {data_loader.REPOSITORY} checkout -- data/MNIST/raw`"))
+    with pytest.raises(data_loader.DatasetFileError, match=fix):
         data_loader.load_split(tmp_path, "train")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_uncompressed_files_load_too(tmp_path):
