@@ -520,7 +520,9 @@ def training_data(args: argparse.Namespace, device: torch.device) -> tuple[data_
     if batches.steps_per_epoch == 0:
         fix = ("pass a smaller --groups-per-batch or --images-per-group" if args.images_per_group
                else "pass a smaller --batch-size")
-        raise UserError(f"the {len(split.labels)} {where} cannot fill one batch of {args.batch_size}; {fix}")
+        size = (f"--groups-per-batch {args.groups_per_batch} x --images-per-group {args.images_per_group}"
+                if args.images_per_group else f"--batch-size {args.batch_size}")
+        raise UserError(f"the {len(split.labels)} {where} cannot fill one batch of {size}; {fix}")
     return batches, data
 
 

@@ -94,9 +94,12 @@ def main(argv: list[str] | None = None) -> dict:
     except Exception as error:  # pickle, zip and torch errors, or other shapes: all mean the same here
         raise UserError(f"--pixel-classifier {path} cannot be read as the pixel classifier's weights "
                         f"({type(error).__name__}); retrain it with `python -m studies.pixel_classifier`") from error
-    _, (images, labels), note = data_loader.evaluation_splits(settings.data, "test", device)
-    if note:
-        print(note)
+    if settings.dataset == data_loader.FOLDER:  # the held-out half the judge did not learn from, if unseen
+        _, (images, labels), note = data_loader.evaluation_splits(settings.data, "test", device)
+        if note:
+            print(note)
+    else:
+        images, labels, _ = data_loader.labelled_images(settings.data, "test", device)
     if args.num_styles > len(labels):
         raise UserError(f"--num-styles {args.num_styles} exceeds the {len(labels)} {settings.dataset} test images; "
                         f"pass at most {len(labels)}")
