@@ -9,6 +9,7 @@ the figure of class accuracy against K fused images (seed means) to images/group
 
     python -m studies.aggregate            # after `python -m studies.evaluate ... --json results/eval_<run>.json`
     python -m studies.aggregate --check    # exit 1 when a table or block differs from what the files give
+    python -m studies.aggregate --results-dir out/faces --tables-only   # runs of your own data: tables only
 
 The std is the sample standard deviation (n - 1) over seeds; a configuration with one seed shows its
 value alone.
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", type=Path, default=None, help="headline tables (default: <results-dir>/headline.md)")
     add("--figure", type=Path, default=repository_path("images/group_size.png"),
         help="class accuracy against K, seed means")
+    add("--tables-only", action="store_true",
+        help="the tables of every configuration in --results-dir (runs of your own data, say) to <results-dir>/"
+             "headline.md and evaluations.md; no README or anchors block, no figure")
     add("--check", action="store_true", help="write nothing; exit 1 when a block or table file differs from "
                                              "what the JSON files give")
     return parser
@@ -103,7 +107,10 @@ def value(evaluation: dict, path: tuple[str, ...], **fields: str) -> float:
 
 
 def mean_std(values: list[float], digits: int) -> str:
-    """'mean ± std' (sample std) with `digits` decimals, or the value alone for one seed."""
+    """'mean ± std' (sample std) with `digits` decimals, or the value alone for one seed; '-' where a run
+    has no value (a test loss of a split smaller than one training batch)."""
+    if None in values:
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
@@ -227,6 +234,14 @@ def main(argv: list[str] | None = None) -> str:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = args.out or args.results_dir / "headline.md"
+    if args.tables_only:
+        evaluations = load_evaluations(args.results_dir)
+        block = headline_tables(evaluations, tuple(group_seeds(evaluations)))
+        write_text_atomic(out, block)
+        write_text_atomic(args.results_dir / "evaluations.md", evaluations_table(evaluations))
+        print(block)
+        print(f"Wrote {out} and {args.results_dir / 'evaluations.md'}")
+        return block
     try:
         evaluations = load_evaluations(args.results_dir)
         block = headline_tables(evaluations)

@@ -13,7 +13,7 @@ import classifier
 import inference
 import training
 import tsne
-from studies import evaluate, group_size, pixel_classifier, swap_score
+from studies import aggregate, evaluate, group_size, pixel_classifier, swap_score
 
 GROUPS = ("ant", "bee", "cow", "doe")
 
@@ -144,9 +144,12 @@ def test_the_evaluation_judges_swaps_with_a_classifier_of_the_datas_groups(folde
                               "--num-styles", "8", "--evidence-size", "3"])
     assert 0 <= scores["no_evidence"]["content_transfer"] <= 100
     results = evaluate.main(["--checkpoint-dir", str(folder_run), "--pixel-classifier", str(judge), "--iterations",
-                             "20", "--batch-size", "8", "--group-sizes", "1", "2", "16", "--no-progress"])
+                             "20", "--batch-size", "8", "--group-sizes", "1", "2", "16", "--no-progress",
+                             "--json", str(tmp_path / "results" / "eval_run.json")])
     assert results["group_size"]["group_sizes"] == [1, 2]  # a test group holds 6 images: K = 16 is left out
     assert results["test_loss"]["sampled"] is not None and results["model"]["image_shape"] == [3, 32, 32]
+    tables = aggregate.main(["--results-dir", str(tmp_path / "results"), "--tables-only"])
+    assert "| `run` | 1 |" in tables and (tmp_path / "results" / "evaluations.md").is_file()
 
 
 def test_data_that_cannot_fill_one_batch_is_one_error_line(tmp_path, folder_data, capsys):
