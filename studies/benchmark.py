@@ -7,7 +7,8 @@ The step timed is `training.train_step` itself, on MNIST batches indexed from a 
   shapes and memory layouts, in fp32 and bf16 (the fastest a step could be, its FLOPs counted);
 - each compiled step's compile time (its first call, with Inductor's caches off) and its graphs and
   graph breaks (`torch._dynamo.explain`);
-- where a step's time goes: a profile split into matmuls, other kernels, Adam and the rest;
+- where a step's time goes: a profile split into matmuls, convolutions, other kernels, Adam and the
+  rest;
 - the busy-neighbour ratio: the eager step beside a busy process (`python -c "while True: pass"`),
   with the threads `training.py` picks and with one per CPU, each against one thread.
 The bound and the steps are timed in short interleaved rounds and each keeps its fastest round, so
@@ -22,7 +23,7 @@ aten.convolution_backward, torch.mm).
 
     python -m studies.benchmark --compile --json out/benchmark.json   # the full table, CPU (and CUDA when present)
     python -m studies.benchmark --precision fp32                      # the eager fp32 step only (10 s here)
-    python -m studies.benchmark --arch conv --precision fp32 --json out/bench_conv.json   # 28, 32, 64 px; 1, 3 channels
+    python -m studies.benchmark --arch conv --precision fp32 --json out/bench_conv.json   # 28, 32, 64 px; 1, 3 ch
 """
 from __future__ import annotations
 
@@ -70,30 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     add("--arch", choices=ARCHS, default="mlp",
         help="the step to time: mlp (the reference's networks on MNIST) or conv (on random images of each "
              "--image-sizes and --channels)")
-    add("--image-sizes", type=POSITIVE_INT, nargs="+", default=None,
+    add("--image-sizes", type=POSITIVE_INT, nargs="+", default=argparse.SUPPRESS,
         help=f"--arch conv: image sizes in pixels, 28 or 4 * 2^k (default: {' '.join(map(str, CONV_SIZES))})")
-    add("--channels", type=POSITIVE_INT, nargs="+", choices=CONV_CHANNELS, default=None,
+    add("--channels", type=POSITIVE_INT, nargs="+", choices=CONV_CHANNELS, default=argparse.SUPPRESS,
         help=f"--arch conv: image channels (default: {' '.join(map(str, CONV_CHANNELS))})")
     add("--batch-size", type=POSITIVE_INT, default=256,
         help="images per training step (--arch conv: G groups of 8 images, so a multiple of 8)")
-    add("--steps", type=POSITIVE_INT, default=None,
+    add("--steps", type=POSITIVE_INT, default=argparse.SUPPRESS,
         help="timed training steps per configuration, spread over the rounds (default: 200 for mlp, 10 for conv)")
-    add("--warmup", type=POSITIVE_INT, default=None,
+    add("--warmup", type=POSITIVE_INT, default=argparse.SUPPRESS,
         help="untimed steps first (compilation, allocator, oneDNN caches); the first one is the compile time "
              "(default: 20 for mlp, 2 for conv)")
-    add("--rounds", type=POSITIVE_INT, default=None,
+    add("--rounds", type=POSITIVE_INT, default=argparse.SUPPRESS,
         help="rounds of measurement; each round times the bound and every configuration once, and each "
              "one's fastest round is kept, as timeit does (default: 40 for mlp, 5 for conv)")
-    add("--bound-calls", type=POSITIVE_INT, default=None,
+    add("--bound-calls", type=POSITIVE_INT, default=argparse.SUPPRESS,
         help="repeats of the step's matmuls (and convolutions) per round, for the bound (default: 2 for mlp, "
              "1 for conv)")
     add("--precision", nargs="+", choices=tuple(DTYPES), default=list(DTYPES),
         help="precisions of the step to time (bf16 = autocast, as training.py --precision bf16)")
     add("--compile", action="store_true",
-        help="also time each precision through training.py --compile (each compiles in 10-20 s here)")
-    add("--profile-steps", type=NONNEGATIVE_INT, default=None,
+        help="also time each precision through training.py --compile (each compiles in 10-20 s here for mlp, "
+             "in minutes for conv)")
+    add("--profile-steps", type=NONNEGATIVE_INT, default=argparse.SUPPRESS,
         help="steps profiled for the time split (0: no split; default: 20 for mlp, 0 for conv)")
-    add("--busy-rounds", type=NONNEGATIVE_INT, default=None,
+    add("--busy-rounds", type=NONNEGATIVE_INT, default=argparse.SUPPRESS,
         help="rounds of the busy-neighbour measurement (0: none); it runs the MLP step on the CPU only "
              "(default: 10 for mlp, 0 for conv)")
     add("--device", default="all", help="all (the CPU, plus CUDA when present), cpu, cuda or cuda:N")
@@ -105,18 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settle_options(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
-    """Fill the timing flags not given with their --arch's defaults, and check the conv flags."""
-    if options.arch == "mlp" and (options.image_sizes is not None or options.channels is not None):
+    """Fill the flags not given (argparse.SUPPRESS leaves them out) with their --arch's defaults, and check
+    the conv flags."""
+    if options.arch == "mlp" and {"image_sizes", "channels"} & vars(options).keys():
         parser.error("--image-sizes and --channels choose the conv step's images; add --arch conv")
     if options.arch == "conv":
-        if options.busy_rounds:
+        if getattr(options, "busy_rounds", 0):
             parser.error("--busy-rounds measures the MLP step beside a busy process; leave it out with --arch conv")
         if options.batch_size % training.DEFAULT_IMAGES_PER_GROUP:
             parser.error(f"--batch-size {options.batch_size}: the conv step's batches hold groups of "
                          f"{training.DEFAULT_IMAGES_PER_GROUP} images; pass a multiple of "
                          f"{training.DEFAULT_IMAGES_PER_GROUP}")
-        options.image_sizes = options.image_sizes or CONV_SIZES
-        options.channels = options.channels or CONV_CHANNELS
+        options.image_sizes = getattr(options, "image_sizes", CONV_SIZES)
+        options.channels = getattr(options, "channels", CONV_CHANNELS)
         for size in options.image_sizes:
             try:
                 check_conv_shape((1, size, size))
@@ -124,8 +127,7 @@ def settle_options(parser: argparse.ArgumentParser, options: argparse.Namespace)
                 parser.error(f"--image-sizes {size}: --arch conv has stacks for 28 px and 4 * 2^k px "
                              "(8, 16, 32, 64, 128, ...); pass sizes among these")
     for key, value in ARCH_DEFAULTS[options.arch].items():
-        if getattr(options, key) is None:
-            setattr(options, key, value)
+        setattr(options, key, getattr(options, key, value))
 
 
 # ---- the network's FLOPs and the FLOP bound ------------------------------------------------------
@@ -663,9 +665,9 @@ def machine_line(machine: dict) -> str:
 
 
 def split_tables(splits: dict) -> list[str]:
-    """The profiled time split of each device's steps, as Markdown tables."""
+    """The profiled time split of each device's steps, as Markdown tables (none without --profile-steps)."""
     lines = []
-    for device, split in splits.items():
+    for device, split in ((device, split) for device, split in splits.items() if split):
         kinds = sorted({kind for parts in split.values() for kind in parts})
         lines += ["", f"Where a step's time goes on {device} (ms per step, profiled):", "",
                   "| step | " + " | ".join(kinds) + " |", "| --- |" + " --- |" * len(kinds)]

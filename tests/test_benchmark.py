@@ -148,6 +148,14 @@ def test_conv_benchmark_has_a_row_per_size_and_channels_against_its_bound(tmp_pa
     assert bounds["28px C=3", "fp32"]["step_flops"] > bounds["28px C=1", "fp32"]["step_flops"]
     out = capsys.readouterr().out
     assert all(f"| cpu | {image} | eager fp32 |" in out for image in ("8px C=1", "8px C=3", "28px C=1", "28px C=3"))
+    assert "Where a step's time goes" not in out  # no profile unless --profile-steps asks for one
+
+
+def test_profiled_convolutions_are_a_part_of_their_own():
+    names = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
+             "aten::slow_conv_transpose2d")
+    assert {benchmark.kernel_kind(name) for name in names} == {"convolutions"}
+    assert benchmark.kernel_kind("aten::native_batch_norm") == "other kernels"
 
 
 def test_compiled_conv_step_is_one_graph(monkeypatch):
