@@ -261,6 +261,7 @@ class Layer:
 
 
 def layer_kind(module: nn.Module) -> str | None:
+    """The Layer kind of a module, or None for a module the bound leaves out."""
     if isinstance(module, nn.ConvTranspose2d):
         return "conv transposed"
     if isinstance(module, nn.Conv2d):
@@ -724,6 +725,7 @@ def format_conv_report(results: dict) -> str:
 
 
 def machine_info(threads: int, why: str) -> dict:
+    """The CPU, its bf16 units, the threads and why, torch, CUDA and the load average at the start."""
     return {"cpu": cpu_name(), "cpu_bf16_units": cpu_bf16_units(), "cpu_count": os.cpu_count(),
             "torch_threads": threads, "threads_because": why, "torch": torch.__version__,
             "load_average_at_start": os.getloadavg(),
