@@ -1,6 +1,7 @@
 """Shared test fixtures: the repository root on sys.path, the reference's published weights
 ($MLVAE_REFERENCE_DIR, default ../shared/reference/checkpoints; tests that need them skip without them),
-tiny runs and data, scripts as processes, and fresh git checkouts for commands run with their defaults."""
+tiny runs and data, scripts as processes, fresh git checkouts for commands run with their defaults,
+and the textbook formulas (product of Gaussians, KL to the prior) that tests compare the code with."""
 import itertools
 import multiprocessing
 import os
@@ -12,11 +13,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 REFERENCE_CHECKPOINTS = Path(os.environ.get("MLVAE_REFERENCE_DIR", SHARED / "reference" / "checkpoints"))
+
+
+def naive_product_of_gaussians(mu, logvar, groups):
+    """Per-sample rows (mean, log-variance) of each group's product of Gaussians: a loop over the groups
+    with the textbook formula, in float64, the tests' reference for utils.accumulate_group_evidence."""
+    mu, var = mu.double(), logvar.double().exp()
+    out_mu, out_logvar = torch.empty_like(mu), torch.empty_like(mu)
+    for g in groups.unique():
+        members = groups == g
+        precision = (1.0 / var[members]).sum(0)
+        out_mu[members] = (mu[members] / var[members]).sum(0) / precision
+        out_logvar[members] = -precision.log()
+    return out_mu, out_logvar
+
+
+def prior_kl(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)) per row, from torch.distributions."""
+    posterior = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    prior = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    return torch.distributions.kl_divergence(posterior, prior).sum(1)
 
 
 @pytest.fixture

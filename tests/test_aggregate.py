@@ -1,9 +1,13 @@
-"""studies/aggregate.py: seeds grouped, mean ± sample std, the README block rewritten and checked."""
-import copy
+"""studies/aggregate.py: seeds grouped, mean ± sample std, each cell read from its own number, the README
+block rewritten and checked, the group-size figure's seed means."""
+import itertools
 import json
+import statistics
 
+import matplotlib.pyplot as plt
 import pytest
 
+import studies.group_size
 from studies import aggregate
 
 
@@ -13,14 +17,16 @@ def fake_evaluation(run: str, accuracy: float, iterations: int = 5000) -> dict:
     protocol = {"no_evidence": four, "with_evidence": four}
     swap = dict.fromkeys(("content_transfer", "style_leak", "reconstruction_ceiling"), accuracy)
     sizes = [1, 2, 4, 8, 16, 32]
-    return copy.deepcopy({
+    # Through JSON, as load_evaluations reads the files: no two keys share one dict, so that a test can change
+    # one number alone (deepcopy would keep the sharing).
+    return json.loads(json.dumps({
         "run": run, "training_args": {"seed": 0}, "evaluation": {"classifier_iterations": iterations},
         "model": {"style_dim": 16, "class_dim": 16},
         "latent_classifier": {"sampled": protocol, "means": protocol},
         "group_size": {"group_sizes": sizes, **dict.fromkeys(("logistic", "knn", "mlp"), [accuracy] * len(sizes))},
         "swap_score": {"no_evidence": swap, "with_evidence": swap},
         "test_loss": {"posterior_means": accuracy / 1000, "sampled": accuracy / 1000},
-    })
+    }))
 
 
 def rows_of(table: str, run: str) -> list[str]:
@@ -119,3 +125,79 @@ def test_readme_without_markers_is_an_error(results_and_readme):
     readme.write_text("# title\n")
     with pytest.raises(SystemExit, match="headline:start"):
         aggregate.main(flags)
+
+
+SIZES = [1, 2, 4, 8, 16, 32]
+ACCURACIES = ("style_train", "style_test", "class_train", "class_test")
+SWAP_SCORES = ("content_transfer", "style_leak", "reconstruction_ceiling")
+
+
+def numbered_evaluation(run: str, shift: float) -> dict:
+    """An evaluation in studies.evaluate's schema whose every number differs from every other (then + shift):
+    a table cell that reads the wrong one shows it."""
+    number = itertools.count(10.0, 3.0)
+    evaluation = fake_evaluation(run, 0.0)
+    evaluation["latent_classifier"] = {
+        latents: {evidence: {key: next(number) + shift for key in ACCURACIES} for evidence in aggregate.EVIDENCE}
+        for latents in ("sampled", "means")}
+    probes = {probe: [next(number) + shift for _ in SIZES] for probe in ("logistic", "knn", "mlp")}
+    evaluation["group_size"] = {"group_sizes": SIZES, **probes}
+    evaluation["swap_score"] = {evidence: {key: next(number) + shift for key in SWAP_SCORES}
+                                for evidence in aggregate.EVIDENCE}
+    evaluation["test_loss"] = {"posterior_means": 0.0123 + shift / 1000, "sampled": 0.0456 + shift / 1000}
+    return evaluation
+
+
+def seed_cell(runs: list[dict], path: tuple, digits: int = 1) -> str:
+    values = []
+    for run in runs:
+        node = run
+        for key in path:
+            node = node[key]
+        values.append(node)
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def test_each_headline_cell_is_the_seed_mean_of_its_own_number():
+    runs = [numbered_evaluation("mlvae_eps0.1", 0.0), numbered_evaluation("mlvae_eps0.1_seed1", 2.0)]
+    lines = aggregate.headline_tables(runs).splitlines()
+    for evidence, shown_as in aggregate.EVIDENCE.items():
+        codes = [seed_cell(runs, ("latent_classifier", latents, evidence, f"{code}_test"))
+                 for code in ("style", "class") for latents in ("sampled", "means")]
+        swap = [seed_cell(runs, ("swap_score", evidence, key)) for key in SWAP_SCORES]
+        first = "| `mlvae_eps0.1` | 2 |" if evidence == "no_evidence" else "|  |  |"
+        assert f"{first} {shown_as} | " + " | ".join(codes) + " |" in lines
+        assert f"{first} {shown_as} | " + " | ".join(swap) + " |" in lines
+    fused = [seed_cell(runs, ("group_size", "mlp", SIZES.index(k))) for k in aggregate.HEADLINE_K]
+    losses = [seed_cell(runs, ("test_loss", key), 4) for key in ("posterior_means", "sampled")]
+    assert "| `mlvae_eps0.1` | 2 | " + " | ".join(fused + losses) + " |" in lines
+
+
+def test_each_anchors_cell_is_the_seed_mean_of_its_own_number():
+    runs = [numbered_evaluation("mlvae_eps0.1", 0.0), numbered_evaluation("mlvae_eps0.1_seed1", 2.0)]
+    lines = aggregate.anchors_table(runs).splitlines()
+    for latents, protocol in aggregate.PROTOCOLS:
+        codes = [seed_cell(runs, ("latent_classifier", latents, "no_evidence", f"{code}_test"), 2)
+                 for code in ("style", "class")]
+        assert f"| `mlvae_eps0.1` | MLP | 16/16 | 2 | {protocol} | " + " | ".join(codes) + " |" in lines
+
+
+def test_group_size_figure_plots_each_probes_seed_mean_at_each_k(tmp_path, monkeypatch):
+    runs = [numbered_evaluation("mlvae_eps0.1", shift) for shift in (0.0, 1.0, 5.0)]
+    runs += [numbered_evaluation("reference_eps0.1", 0.0)]
+    figures = []
+
+    def keep_figure(fig, out, dpi):
+        figures.append(fig)
+        plt.close(fig)  # its lines stay readable
+
+    monkeypatch.setattr(studies.group_size, "save_figure", keep_figure)
+    aggregate.plot_group_size(aggregate.group_seeds(runs), tmp_path / "k.png")
+    lines = {line.get_label(): line for line in figures[0].axes[0].lines}
+    assert len(lines) == 2 * 3
+    for name, seeds in (("mlvae_eps0.1", runs[:3]), ("reference_eps0.1", runs[3:])):
+        for probe in ("logistic", "knn", "mlp"):
+            line = lines[f"{name} (n={len(seeds)}) ({probe})"]
+            assert list(line.get_xdata()) == SIZES
+            want = [statistics.mean(run["group_size"][probe][i] for run in seeds) for i in range(len(SIZES))]
+            assert list(line.get_ydata()) == pytest.approx(want)

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 import classifier
-from networks import Classifier
+import data_loader
+from conftest import ROOT
+from evaluation import encode
+from networks import Classifier, Encoder
 
 FAST = ["--iterations", "30", "--no-progress"]
 
@@ -71,3 +74,35 @@ def test_validation_scores_of_a_model_that_trained_on_the_validation_images_are_
     assert line.startswith("error: --split validation: checkpoints/mlvae_eps0.1 trained on mnist train images up "
                            "to index 59999 (no --num-train in its args.json)") and "--num-train 50000" in line, line
     assert process.stdout_path.read_text() == ""
+
+
+def recorded_protocol_calls(monkeypatch, argv):
+    """classifier.main(argv) with classifier_protocol replaced by a recorder: [(train, test, settings)]."""
+    calls = []
+
+    def recording_protocol(train, test, **settings):
+        calls.append((train, test, settings))
+        return dict.fromkeys(classifier.ACCURACY_KEYS, 50.0), None
+
+    monkeypatch.setattr(classifier, "classifier_protocol", recording_protocol)
+    classifier.main(argv)
+    return calls
+
+
+@pytest.mark.parametrize("flags,sampled,evidence", [([], True, [False]), (["--accumulate-evidence"], True, [True]),
+                                                    (["--both", "--latents", "means"], False, [False, True])])
+def test_the_protocol_gets_the_asked_latents_and_the_models_eps_std(tiny_run, monkeypatch, flags, sampled, evidence):
+    calls = recorded_protocol_calls(monkeypatch, ["--checkpoint-dir", str(tiny_run), *flags, *FAST])
+    assert [settings["evidence"] for _, _, settings in calls] == evidence
+    assert all(settings["sampled"] == sampled and settings["eps_std"] == 0.5 for _, _, settings in calls)
+
+
+def test_the_protocol_gets_the_posteriors_of_the_train_and_the_test_split(tiny_run, monkeypatch):
+    (train, test, _), = recorded_protocol_calls(monkeypatch, ["--checkpoint-dir", str(tiny_run), *FAST])
+    encoder = Encoder(6, 4)
+    encoder.load_state_dict(torch.load(tiny_run / "encoder.pt", weights_only=True))
+    for (posteriors, labels), split in ((train, "train"), (test, "test")):
+        images, split_labels = data_loader.load_split(ROOT / "data", split)
+        assert torch.equal(labels, split_labels)
+        for got, want in zip(posteriors, encode(encoder, images[:100]), strict=True):
+            torch.testing.assert_close(got[:100], want)

@@ -1,7 +1,10 @@
-"""Test-time evidence: evidence sets are drawn correctly and more evidence helps where it must."""
+"""Test-time evidence: evidence sets are drawn correctly, more evidence helps where it must, and each probe
+learns from the training codes and is scored on codes fused over K test images."""
 import torch
+from torch import nn
 
 from evaluation import draw_evidence_sets
+from studies.group_size import PROBES, accuracy_by_group_size
 from utils import fused_means
 
 
@@ -42,3 +45,38 @@ def test_validation_split_of_a_model_that_trained_on_all_images_of_its_classes_i
     [line] = process.stderr.splitlines()
     assert line.startswith(f"error: --split validation: {run} trained on mnist train images of --classes "
                            "0 1 2 3 4 5 6 7 up to index") and "--split test" in line, line
+
+
+class CodeAsLogits(nn.Module):
+    """A stand-in for the trained MLP probe: it labels a code by its largest coordinate."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+def codes(labels: torch.Tensor, noise: float, gen: torch.Generator, shift: int = 0) -> torch.Tensor:
+    """Class codes: 2 at coordinate (label + shift) % 10, plus Gaussian noise of std `noise`."""
+    return 2.0 * torch.eye(10)[(labels + shift) % 10] + noise * torch.randn(len(labels), 10, generator=gen)
+
+
+def test_every_probes_accuracy_grows_with_the_number_of_fused_test_images():
+    gen = torch.Generator().manual_seed(1)
+    train_y, test_y = torch.arange(10).repeat(100), torch.arange(10).repeat(100)
+    test_mu = codes(test_y, 1.5, gen)
+    accuracies = accuracy_by_group_size(codes(train_y, 0.5, gen), train_y, test_mu, torch.zeros_like(test_mu), test_y,
+                                        CodeAsLogits(), [1, 4, 16], gen)
+    for probe in PROBES:
+        assert accuracies[probe] == sorted(accuracies[probe])
+        assert accuracies[probe][0] < 70 and accuracies[probe][-1] > 95
+
+
+def test_the_sklearn_probes_are_fitted_on_the_training_codes():
+    # The training codes put each digit one coordinate further than the test codes do: a probe fitted on them
+    # names the previous digit on every test image.
+    gen = torch.Generator().manual_seed(2)
+    train_y, test_y = torch.arange(10).repeat(100), torch.arange(10).repeat(100)
+    test_mu = codes(test_y, 0.3, gen)
+    accuracies = accuracy_by_group_size(codes(train_y, 0.3, gen, shift=1), train_y, test_mu, torch.zeros_like(test_mu),
+                                        test_y, CodeAsLogits(), [1, 8], gen)
+    assert max(accuracies["logistic"] + accuracies["knn"]) < 5
+    assert min(accuracies["mlp"]) > 95  # the given MLP probe scores the test codes as they are

@@ -1,13 +1,16 @@
-"""inference.py end to end on a tiny trained model: the grid's layout (grids.py), fixed references,
-errors."""
+"""inference.py end to end on a tiny trained model: the grid's layout (grids.py), fixed references, the
+evidence codes and their draws, errors."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import data_loader
 import grids
 import inference
-from conftest import git, run_python
+from conftest import ROOT, git, naive_product_of_gaussians, run_python
+from evaluation import encode
+from networks import Encoder
 
 CELL = 28  # MNIST
 GRID_PIXELS = 11 * CELL + 9 * grids.GAP + grids.SEPARATOR
@@ -88,3 +91,40 @@ def test_inference_without_flags_writes_into_out_and_leaves_git_status_clean(new
     assert done.returncode == 0, done.stderr
     assert (checkout / "out" / "swap_mlvae_eps0.1_no_evidence.png").is_file()
     assert git(checkout, "status", "--porcelain").stdout == ""  # images/ untouched, out/ ignored
+
+
+@pytest.mark.parametrize("flags", [[], ["--evidence-size", "5"]])
+def test_evidence_class_code_of_each_column_fuses_the_evidence_images_of_its_digit(tiny_run, tmp_path, monkeypatch,
+                                                                                   flags):
+    drawn, codes = [], []
+    draw, cells = inference.evidence_indices, inference.swap_cells
+
+    def recording_draw(*args):
+        drawn.append(draw(*args))
+        return drawn[-1]
+
+    def recording_cells(decoder, style, class_codes):
+        codes.append(class_codes)
+        return cells(decoder, style, class_codes)
+
+    monkeypatch.setattr(inference, "evidence_indices", recording_draw)
+    monkeypatch.setattr(inference, "swap_cells", recording_cells)
+    run(tiny_run, tmp_path, "--accumulate-evidence", *flags)
+    images, labels = data_loader.load_split(ROOT / "data", "test")
+    encoder = Encoder(6, 4)
+    encoder.load_state_dict(torch.load(tiny_run / "encoder.pt", weights_only=True))
+    index, = drawn
+    _, _, mu, logvar = encode(encoder, images[index])
+    for digit in range(10):
+        members = labels[index] == digit
+        assert members.sum() == 5 if flags else members.sum() >= 1
+        want, _ = naive_product_of_gaussians(mu[members], logvar[members], torch.zeros(int(members.sum())))
+        torch.testing.assert_close(codes[0][digit].double(), want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("evidence_size", [None, 5])
+def test_evidence_images_follow_the_seed(evidence_size):
+    labels = torch.arange(10).repeat(40)
+    draws = [inference.evidence_indices(labels, list(range(10)), evidence_size, torch.Generator().manual_seed(seed))
+             for seed in (1, 1, 2)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])

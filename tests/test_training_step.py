@@ -1,10 +1,16 @@
-"""training.py's step: eager and compiled steps train alike, the compiled step is one graph."""
+"""training.py's step: the loss terms and their scale, the weighted loss's gradients, the Adam update, the
+step's noise; eager and compiled steps train alike, the compiled step is one graph."""
 import csv
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Normal
 
 import training
+from conftest import naive_product_of_gaussians, prior_kl
 from networks import build_networks
 from utils import num_training_groups, training_groups
 
@@ -89,3 +95,104 @@ def final_loss(tmp_path, *flags):
 def test_bf16_trains_to_the_fp32_loss(tmp_path):
     assert final_loss(tmp_path / "bf16", "--precision", "bf16") == pytest.approx(final_loss(tmp_path / "fp32"),
                                                                                 rel=0.03)
+
+
+def step_inputs(args, seed=1):
+    """Seeded networks and a batch (images, group ids in [0, 10), noise) for args."""
+    torch.manual_seed(0)
+    encoder, decoder = build_networks(args.arch, args.style_dim, args.class_dim, args.likelihood)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(BATCH, 784, generator=gen)
+    groups = torch.randint(0, 10, (BATCH,), generator=gen)
+    noise = torch.randn(BATCH, args.style_dim, generator=gen), torch.randn(10, args.class_dim, generator=gen)
+    return encoder, decoder, x, groups, noise
+
+
+class LinearDecoder(nn.Module):
+    """Pixel logits that are fixed random linear maps of the style and of the class code, and log-variances
+    tanh(logits): unlike an untrained network's, every pixel depends strongly on each code, in its own way."""
+
+    def __init__(self, style_dim: int, class_dim: int, gen: torch.Generator) -> None:
+        super().__init__()
+        self.style_map = torch.randn(style_dim, 784, generator=gen)
+        self.class_map = torch.randn(class_dim, 784, generator=gen)
+
+    def logits(self, style: torch.Tensor, class_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = style @ self.style_map + class_ @ self.class_map
+        return logits, torch.tanh(logits)
+
+
+@pytest.mark.parametrize("flags", [[], ["--class-kl-per-sample"], ["--likelihood", "bernoulli"],
+                                   ["--likelihood", "gaussian"]])
+def test_loss_terms_are_per_pixel_means_of_the_textbook_terms(flags):
+    args = step_args("--style-dim", "4", "--class-dim", "4", "--eps-std", "0.3", *flags)
+    encoder, _, x, groups, noise = step_inputs(args)
+    decoder = LinearDecoder(4, 4, torch.Generator().manual_seed(2))
+    terms = training.compute_losses(encoder, decoder, x, groups, noise, args)
+    with torch.no_grad():
+        style_mu, style_logvar, class_mu, class_logvar = encoder(x)
+        group_mu, group_logvar = (t.float() for t in naive_product_of_gaussians(class_mu, class_logvar, groups))
+        style_z = style_mu + noise[0] * torch.exp(0.5 * style_logvar)
+        class_z = group_mu + 0.3 * noise[1][groups] * torch.exp(0.5 * group_logvar)
+        logits, pixel_logvar = decoder.logits(style_z, class_z)
+        mean = torch.sigmoid(logits)
+        reconstruction = {"mse": F.mse_loss(mean, x),  # the reference's loss: a mean over pixels and images
+                          "bernoulli": -(x * F.logsigmoid(logits) + (1 - x) * F.logsigmoid(-logits)).mean(),
+                          "gaussian": -Normal(mean, torch.exp(0.5 * pixel_logvar)).log_prob(x).mean()}
+        class_kl = prior_kl(group_mu, group_logvar)
+        if not args.class_kl_per_sample:  # once per group: each member's row weighted by 1 / group size
+            class_kl = class_kl / torch.bincount(groups)[groups]
+    want = torch.stack([reconstruction[args.likelihood], prior_kl(style_mu, style_logvar).sum() / (BATCH * 784),
+                        class_kl.sum() / (BATCH * 784)])
+    torch.testing.assert_close(terms.detach(), want, rtol=1e-5, atol=1e-8)
+
+
+def test_step_gradients_are_those_of_the_loss_weighted_by_the_coefficients(monkeypatch):
+    args = step_args("--reconstruction-coef", "0.5", "--kl-coef", "2", "--style-kl-coef", "3")
+    encoder, decoder, x, groups, noise = step_inputs(args)
+    optimizer = training.make_optimizer(encoder, decoder, args)
+    applied = []
+    monkeypatch.setattr(training, "adam_update", lambda optimizer, grads: applied.append(grads))
+    training.optimization_step(encoder, decoder, optimizer, x, groups, noise, args)
+    terms = training.compute_losses(encoder, decoder, x, groups, noise, args)
+    want = torch.autograd.grad(0.5 * terms[0] + 2 * (3 * terms[1] + terms[2]), optimizer.param_groups[0]["params"])
+    for got, expected in zip(applied[0], want, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_adam_update_is_torch_optim_adams_step_with_the_optimizers_settings():
+    args = step_args("--lr", "0.01", "--beta1", "0.8", "--beta2", "0.95")
+    torch.manual_seed(0)
+    optimizer = training.make_optimizer(*build_networks(args.arch, 3, 2), args)
+    optimizer.param_groups[0].update(eps=1e-3, weight_decay=0.1)  # far from the defaults and each other
+    params = optimizer.param_groups[0]["params"]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    reference = torch.optim.Adam(copies, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        training.adam_update(optimizer, grads)
+        for copy, grad in zip(copies, grads):
+            copy.grad = grad.clone()
+        reference.step()
+    for p, copy in zip(params, copies):
+        torch.testing.assert_close(p.detach(), copy.detach())
+
+
+def test_train_step_draws_standard_normal_noise_from_the_generator():
+    args = step_args("--style-dim", "6", "--class-dim", "5", "--group-size", "3")
+    x, groups = torch.zeros(2048, 784), torch.zeros(2048, dtype=torch.long)
+    drawn = []
+
+    def recording_step(encoder, decoder, optimizer, x, groups, noise, args):
+        drawn.append(noise)
+
+    for seed in (0, 0, 1):
+        training.train_step(None, None, None, x, groups, num_training_groups(10, 2048, 3), args,
+                            torch.Generator().manual_seed(seed), recording_step)
+    (style, class_), again, other = drawn
+    assert style.shape == (2048, 6) and class_.shape == (num_training_groups(10, 2048, 3), 5)
+    assert all(torch.equal(a, b) for a, b in zip(drawn[0], again)) and not torch.equal(style, other[0])
+    for noise in (style, class_):
+        n = noise.numel()
+        assert abs(noise.mean().item()) < 6 / math.sqrt(n) and abs(noise.std().item() - 1) < 6 / math.sqrt(2 * n)

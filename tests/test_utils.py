@@ -3,21 +3,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.distributions import Normal
 
-from utils import (accumulate_group_evidence, class_kl_divergence, group_index, group_wise_reparameterize,
-                   kl_divergence, latent_layer, num_training_groups, reconstruction_loss, training_groups)
-
-
-def naive_product_of_gaussians(mu, logvar, groups):
-    """Loop over groups with the textbook formula, in float64."""
-    mu, var = mu.double(), logvar.double().exp()
-    out_mu, out_logvar = torch.empty_like(mu), torch.empty_like(mu)
-    for g in groups.unique():
-        members = groups == g
-        precision = (1.0 / var[members]).sum(0)
-        out_mu[members] = (mu[members] / var[members]).sum(0) / precision
-        out_logvar[members] = -precision.log()
-    return out_mu, out_logvar
+from conftest import naive_product_of_gaussians, prior_kl
+from utils import (accumulate_group_evidence, class_kl_divergence, fused_means, group_index,
+                   group_wise_reparameterize, kl_divergence, latent_layer, num_training_groups,
+                   reconstruction_loss, reparameterize, training_groups)
 
 
 @pytest.mark.parametrize("num_groups", [1, 3, 10, 64])
@@ -184,3 +176,109 @@ def test_training_groups_split_each_label_into_groups_of_at_most_the_size():
     assert sorted(members.values()) == [([0], 1), ([1], 2), ([3], 1), ([3], 2), ([3], 2)]
     assert groups[0] == groups[2] and groups[3] == groups[6]  # batch order within a label
     assert groups.max() < num_training_groups(4, len(labels), 2)  # ids fit the fixed-size index
+
+
+def test_samples_spread_with_the_posterior_std():
+    n = 20000  # the sample std of n normals is within 6 / sqrt(2n) ~ 3% of the std, but for 1 in 10^9
+    logvar = torch.tensor([-6.0, -1.0, 0.0, 1.5, 4.0]).expand(n, 5)
+    z = reparameterize(torch.full((n, 5), 3.0), logvar, generator=torch.Generator().manual_seed(0))
+    std = torch.exp(0.5 * logvar[0])
+    assert ((z.std(0) / std - 1).abs() < 6 / math.sqrt(2 * n)).all()
+    assert ((z.mean(0) - 3.0).abs() < 6 * std / math.sqrt(n)).all()
+
+
+def test_reparameterize_returns_mu_when_not_training():
+    mu = torch.randn(4, 2)
+    assert reparameterize(mu, torch.zeros(4, 2), training=False) is mu
+
+
+@pytest.mark.parametrize("eps_std", [0.1, 1.0])
+def test_grouped_samples_are_one_noise_per_group_times_eps_std_and_each_members_std(eps_std):
+    num_groups = 10000
+    gen = torch.Generator().manual_seed(3)
+    groups = torch.arange(num_groups).repeat_interleave(3)  # three members a group
+    # Columns of different log-variances; each member of a group shifted by its own offset.
+    logvar = torch.tensor([-4.0, -1.0, 0.0, 2.0], dtype=torch.float64) + torch.tensor(
+        [0.0, 1.0, -2.0], dtype=torch.float64).repeat(num_groups).unsqueeze(1)
+    mu = torch.randn(len(groups), 4, generator=gen, dtype=torch.float64)
+    z = group_wise_reparameterize(mu, logvar, groups, eps_std, generator=gen)
+    noise = ((z - mu) / (eps_std * torch.exp(0.5 * logvar))).view(num_groups, 3, 4)  # what each member drew
+    torch.testing.assert_close(noise[:, 1], noise[:, 0])
+    torch.testing.assert_close(noise[:, 2], noise[:, 0])
+    assert ((noise[:, 0].std(0) - 1).abs() < 6 / math.sqrt(2 * num_groups)).all()
+    assert (noise[:, 0].mean(0).abs() < 6 / math.sqrt(num_groups)).all()
+
+
+def test_kl_equals_torch_distributions_for_any_posterior():
+    gen = torch.Generator().manual_seed(4)
+    mu = 3 * torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    logvar = 2 * torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(kl_divergence(mu, logvar), prior_kl(mu, logvar))
+
+
+def test_reconstruction_losses_are_the_summed_negative_log_likelihoods():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(4, 784, generator=gen, dtype=torch.float64)
+    logits = 3 * torch.randn(4, 784, generator=gen, dtype=torch.float64)
+    pixel_logvar = 2 * torch.randn(4, 784, generator=gen, dtype=torch.float64)
+    mean = torch.sigmoid(logits)
+    torch.testing.assert_close(reconstruction_loss(x, logits, None, "mse"), F.mse_loss(mean, x, reduction="sum"))
+    bernoulli = -(x * F.logsigmoid(logits) + (1 - x) * F.logsigmoid(-logits)).sum()
+    torch.testing.assert_close(reconstruction_loss(x, logits, None, "bernoulli"), bernoulli)
+    gaussian = -Normal(mean, torch.exp(0.5 * pixel_logvar)).log_prob(x).sum()
+    torch.testing.assert_close(reconstruction_loss(x, logits, pixel_logvar, "gaussian"), gaussian)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_latent_layer_samples_and_kls_come_from_the_accumulated_class_posterior(per_sample):
+    gen = torch.Generator().manual_seed(6)
+    style_mu, style_logvar = (torch.randn(12, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    class_mu, class_logvar = (torch.randn(12, 2, generator=gen, dtype=torch.float64) for _ in range(2))
+    groups = torch.tensor([4, 4, 4, 0, 0, 7, 2, 2, 2, 2, 9, 9])
+    noise = torch.randn(12, 3, generator=gen, dtype=torch.float64), torch.randn(10, 2, generator=gen,
+                                                                               dtype=torch.float64)
+    style_z, class_z, style_kl, class_kl = latent_layer(
+        style_mu, style_logvar, class_mu, class_logvar, groups, 0.3, class_kl_per_sample=per_sample,
+        index=group_index(groups, num_groups=10), noise=noise)
+    group_mu, group_logvar = naive_product_of_gaussians(class_mu, class_logvar, groups)
+    torch.testing.assert_close(style_z, style_mu + noise[0] * torch.exp(0.5 * style_logvar))
+    torch.testing.assert_close(class_z, group_mu + 0.3 * noise[1][groups] * torch.exp(0.5 * group_logvar))
+    torch.testing.assert_close(style_kl, prior_kl(style_mu, style_logvar).sum())
+    row_kl = prior_kl(group_mu, group_logvar)
+    first_of_each_group = [int((groups == g).nonzero()[0]) for g in groups.unique()]
+    torch.testing.assert_close(class_kl, row_kl.sum() if per_sample else row_kl[first_of_each_group].sum())
+
+
+@pytest.mark.parametrize("batch,size", [(6, 4), (64, 3), (50, 7), (16, 16), (9, 1)])
+def test_training_groups_hold_one_label_each_and_fit_the_fixed_index(batch, size):
+    gen = torch.Generator().manual_seed(batch)
+    # Most images of one label: the split that crowds the id space most.
+    skewed = torch.tensor([0.6] + [0.4 / 9] * 9)
+    for labels in (torch.tensor([0] * (batch - 1) + [1]), torch.multinomial(skewed, batch, True, generator=gen)):
+        groups = training_groups(labels, size)
+        for g in groups.unique():
+            members = labels[groups == g]
+            assert len(members.unique()) == 1 and len(members) <= size
+        for label, count in zip(*labels.unique(return_counts=True)):
+            assert len(groups[labels == label].unique()) == math.ceil(int(count) / size)
+        assert groups.min() >= 0 and groups.max() < num_training_groups(10, batch, size)
+
+
+def test_fused_means_are_the_product_of_gaussians_over_each_row_of_members():
+    gen = torch.Generator().manual_seed(7)
+    mu, logvar = torch.randn(20, 3, generator=gen), torch.randn(20, 3, generator=gen)
+    members = torch.stack([torch.randperm(20, generator=gen)[:4] for _ in range(6)])
+    want = torch.stack([naive_product_of_gaussians(mu[row], logvar[row], torch.zeros(4))[0][0] for row in members])
+    torch.testing.assert_close(fused_means(mu, logvar, members).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detached_class_posterior_passes_no_gradient_to_the_class_heads(detach):
+    gen = torch.Generator().manual_seed(8)
+    posteriors = [torch.randn(6, 2, generator=gen, requires_grad=True) for _ in range(4)]
+    outputs = latent_layer(*posteriors, torch.tensor([0, 0, 1, 1, 1, 2]), 0.5, detach_class_posterior=detach,
+                           generator=gen)
+    sum(out.square().sum() for out in outputs).backward()
+    assert all(p.grad.abs().sum() > 0 for p in posteriors[:2])  # the style posterior always learns
+    for p in posteriors[2:]:
+        assert (p.grad is None) if detach else p.grad.abs().sum() > 0
