@@ -12,7 +12,7 @@
 #      block of docs/reference.md;
 #   2. swap grids, t-SNE maps and loss curves -> images/;
 #   3. few-shot on held-out digits, the reference's 100,000-step classifier cross-check;
-#   4. the validation sweeps, MLP and conv (reuse finished runs under sweeps/, else train 11 short
+#   4. the validation sweeps, MLP and conv (reuse finished runs under sweeps/, else train 15 short
 #      runs), and the speed benchmark (2 threads; run it on an otherwise idle machine);
 #   5. the eager step of the code before the hand-written autograd Functions were removed, against this one.
 # Each step prints its wall time.
@@ -103,6 +103,9 @@ step_done 3
 # 4. The validation sweeps that chose the settings, and the speed benchmark (two threads).
 python -m studies.sweep --epochs 30 --jobs 2 --out results/sweep_validation.md
 python -m studies.sweep --configs conv16 conv16_stylekl4 --epochs 30 --jobs 2 --out results/sweep_conv.md
+# The conv style-KL weights between 1 and 4 -> results/sweep_conv_weights.md, results/sweep_conv_weights.json
+python -m studies.sweep --configs conv16_stylekl1.5 conv16_stylekl2 conv16_stylekl2.5 conv16_stylekl3 --epochs 30 \
+    --jobs 2 --out results/sweep_conv_weights.md
 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 python -m studies.benchmark --compile --json results/benchmark.json \
   | tee results/benchmark.md
 step_done 4
