@@ -575,8 +575,11 @@ def train(args: argparse.Namespace) -> Path:
     print(f"{args.run_name}: {device}, {threads} CPU thread{'s' * (threads > 1)} ({why})", flush=True)
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    encoder, decoder = (net.to(device) for net in build_networks(args.arch, args.style_dim, args.class_dim,
-                                                                  args.likelihood, tuple(args.image_shape)))
+    try:
+        networks = build_networks(args.arch, args.style_dim, args.class_dim, args.likelihood, tuple(args.image_shape))
+    except ValueError as error:  # an image shape the architecture has no stack for
+        raise UserError(str(error)) from error
+    encoder, decoder = (net.to(device) for net in networks)
     optimizer = make_optimizer(encoder, decoder, args)
     steps_per_epoch = batches.steps_per_epoch
     for tmp in args.run_dir.glob("*.tmp"):  # left by a process killed while saving

@@ -184,3 +184,11 @@ def test_validation_needs_a_run_that_held_the_validation_images_out(tmp_path, fo
     row = classifier.main(["--checkpoint-dir", str(held), "--split", "validation", "--iterations", "20",
                             "--batch-size", "4", "--no-progress"])
     assert 0 <= row[0]["class_test"] <= 100
+
+
+def test_an_image_size_the_conv_stack_cannot_take_is_one_error_line(tmp_path, folder_data, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train(tmp_path, folder_data, "--epochs", "1", "--image-size", "30")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--image-size" in err[0] and "30" in err[0]
