@@ -22,7 +22,6 @@ on the device. docs/data.md describes the layouts, the cache and the flags. Exam
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import hashlib
@@ -48,7 +47,7 @@ import torch
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from utils import num_training_groups, training_groups
+from utils import num_training_groups, rank_within_groups, training_groups
 
 DATASETS = {
     # name: (folder under the data dir, extra folder searched when the files are not there)
@@ -233,42 +232,6 @@ class DataSpec:
         return cls(**{key: settings[key] for key in cls.__dataclass_fields__ if settings.get(key) is not None})
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
-def repository_path(relative: str) -> str:
-    """A default path of a flag: `relative` inside the repository, whichever folder a script runs from.
-    It reads as given where the working directory is the repository, else as an absolute path. A path
-    the user passes stays relative to the working directory."""
-    return relative if Path.cwd().resolve() == REPOSITORY else str(REPOSITORY / relative)
-
-
-def add_data_arguments(parser, from_run: bool = False) -> None:
-    """The flags that choose the data (the fields of DataSpec). With `from_run`, for the scripts that
-    evaluate a trained run, they default to None: the run's args.json then supplies them."""
-    add = parser.add_argument
-
-    def default(value):
-        return None if from_run else value
-
-    run = " (default: the run's, from args.json)" if from_run else ""
-    add("--dataset", choices=DATASET_CHOICES, default=default("mnist"),
-        help=f"mnist or fashion-mnist (IDX files), or folder: grouped images under --data-dir (docs/data.md){run}")
-    add("--data-dir", default=default(repository_path("data")),
-        help=f"IDX data sets: the folder holding <Dataset>/raw/; folder: the data set's root{run}")
-    add("--data-list", default=None, help="folder data: a file of `relative/path group [split]` lines")
-    add("--split-list", default=None, help="folder data: a file of `relative/path split` lines (0/1 train, 2 test)")
-    add("--image-size", type=_positive_int, default=None,
-        help="folder data: resize the shorter side to N and centre-crop NxN (default: the images' own size)")
-    add("--channels", type=int, choices=(1, 3), default=None,
-        help="folder data: 1 (grayscale) or 3 (RGB) (default: 3 when any image is colour, else 1)")
-    add("--cache-dir", default=None, help="folder data: where decoded images are cached (default: cache/)")
-
-
 def idx_split(data_dir: str | Path, split: str, dataset: str = "mnist") -> ImageSplit:
     """An IDX split as an ImageSplit: uint8 [N, 1, 28, 28], labels the digits (or garments) 0-9."""
     images, labels = idx_arrays(data_dir, split, dataset)
@@ -293,10 +256,8 @@ def labelled_images(spec: DataSpec, split: str, device: torch.device | str = "cp
                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A whole split of `spec`: float images [N, C, H, W] in [0, 1] on `device`, labels [N] and the
     group names the labels index."""
-    if spec.dataset != FOLDER:
-        images, labels = load_split(spec.data_dir, split, spec.dataset, device)
-        return images, labels, [str(label) for label in range(10)]
-    part = getattr(load_data(spec, progress), split)
+    part = idx_split(spec.data_dir, split, spec.dataset) if spec.dataset != FOLDER \
+        else getattr(load_data(spec, progress), split)
     return to_float(part.images, device), part.labels.to(device), part.groups
 
 
@@ -306,20 +267,13 @@ def validation_rows(labels: torch.Tensor, unseen_groups: bool) -> torch.Tensor:
     last VALIDATION_FRACTION of the groups (so validation asks what the test split asks)."""
     if unseen_groups:
         return labels >= int(labels.max() + 1) - max(1, round(VALIDATION_FRACTION * int(labels.max() + 1)))
-    counts = torch.bincount(labels)
-    order = torch.argsort(labels, stable=True)
-    rank = torch.empty_like(labels)
-    rank[order] = torch.arange(len(labels)) - (torch.cumsum(counts, 0) - counts)[labels[order]]
-    return rank >= counts[labels] - (counts[labels] * VALIDATION_FRACTION).round().long()
+    counts = torch.bincount(labels)[labels]
+    return rank_within_groups(labels) >= counts - (counts * VALIDATION_FRACTION).round().long()
 
 
 def halves_per_group(labels: torch.Tensor) -> torch.Tensor:
     """Boolean mask [N]: the first half (rounded up) of each group's rows, in row order."""
-    counts = torch.bincount(labels)
-    order = torch.argsort(labels, stable=True)
-    rank = torch.empty_like(labels)
-    rank[order] = torch.arange(len(labels)) - (torch.cumsum(counts, 0) - counts)[labels[order]]
-    return rank < (counts[labels] + 1) // 2
+    return rank_within_groups(labels) < (torch.bincount(labels)[labels] + 1) // 2
 
 
 Labelled = tuple[torch.Tensor, torch.Tensor]
@@ -384,10 +338,7 @@ def group_balanced_order(labels: torch.Tensor, groups_per_batch: int, images_per
     shuffled = torch.randperm(len(labels), generator=generator, device=generator.device).to(labels.device)
     by_group = shuffled[torch.argsort(labels[shuffled], stable=True)]  # rows grouped, random within a group
     sorted_labels = labels[by_group]
-    counts = torch.bincount(sorted_labels)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(labels), device=labels.device) - starts[sorted_labels]
-    usable = rank < (counts // k * k)[sorted_labels]
+    usable = rank_within_groups(sorted_labels) < (torch.bincount(sorted_labels) // k * k)[sorted_labels]
     blocks = by_group[usable].view(-1, k)
     blocks = blocks[torch.randperm(len(blocks), generator=generator, device=generator.device).to(labels.device)]
     steps = len(blocks) // groups_per_batch

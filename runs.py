@@ -20,8 +20,8 @@ from typing import Callable, NoReturn
 
 import torch
 
-from data_loader import (EVALUATION_SPLITS, FOLDER, VALIDATION_START, DataSpec, DatasetFileError, add_data_arguments,
-                         repository_path)
+from data_loader import (DATASET_CHOICES, EVALUATION_SPLITS, FOLDER, REPOSITORY, VALIDATION_START, DataSpec,
+                         DatasetFileError)
 from networks import ARCHS, LIKELIHOODS, Decoder, Encoder, build_networks
 
 
@@ -87,6 +87,35 @@ FINITE = Bounded(float)
 NONNEGATIVE = Bounded(float, 0)
 POSITIVE = Bounded(float, 0, low_open=True)
 BETA = Bounded(float, 0, 1, high_open=True)  # Adam's betas
+
+
+def repository_path(relative: str) -> str:
+    """A default path of a flag: `relative` inside the repository, whichever folder a script runs from.
+    It reads as given where the working directory is the repository, else as an absolute path. A path
+    the user passes stays relative to the working directory."""
+    return relative if Path.cwd().resolve() == REPOSITORY else str(REPOSITORY / relative)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, from_run: bool = False) -> None:
+    """The flags that choose the data (the fields of DataSpec). With `from_run`, for the scripts that
+    evaluate a trained run, they default to None: the run's args.json then supplies them."""
+    add = parser.add_argument
+
+    def default(value):
+        return None if from_run else value
+
+    run = " (default: the run's, from args.json)" if from_run else ""
+    add("--dataset", choices=DATASET_CHOICES, default=default("mnist"),
+        help=f"mnist or fashion-mnist (IDX files), or folder: grouped images under --data-dir (docs/data.md){run}")
+    add("--data-dir", default=default(repository_path("data")),
+        help=f"IDX data sets: the folder holding <Dataset>/raw/; folder: the data set's root{run}")
+    add("--data-list", default=None, help="folder data: a file of `relative/path group [split]` lines")
+    add("--split-list", default=None, help="folder data: a file of `relative/path split` lines (0/1 train, 2 test)")
+    add("--image-size", type=POSITIVE_INT, default=None,
+        help="folder data: resize the shorter side to N and centre-crop NxN (default: the images' own size)")
+    add("--channels", type=int, choices=(1, 3), default=None,
+        help="folder data: 1 (grayscale) or 3 (RGB) (default: 3 when any image is colour, else 1)")
+    add("--cache-dir", default=None, help="folder data: where decoded images are cached (default: cache/)")
 
 
 def folder_name(text: str) -> str:

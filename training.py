@@ -39,9 +39,10 @@ from evaluation import encode
 from grids import GRID_GROUPS, grid_image, reference_indices, swap_cells
 from networks import ARCHS, LIKELIHOODS, Decoder, Encoder, build_networks
 from runs import (BETA, LOG_FIELDS, NONNEGATIVE, NONNEGATIVE_INT, NUM_TRAIN_OF, NUM_TRAIN_OF_BEFORE, POSITIVE,
-                  POSITIVE_INT, PRECISIONS, RUN_FILES, STATE_FILE, Bounded, UserError, check_writable, fail,
-                  folder_name, pick_device, pick_threads, read_log, read_run_state, reports_errors, repository_path,
-                  script_parser, set_float32_precision, training_selection, write_run)
+                  POSITIVE_INT, PRECISIONS, RUN_FILES, STATE_FILE, Bounded, UserError, add_data_arguments,
+                  check_writable, fail, folder_name, pick_device, pick_threads, read_log, read_run_state,
+                  reports_errors, repository_path, script_parser, set_float32_precision, training_selection,
+                  write_run)
 from utils import group_index, latent_layer, reconstruction_loss
 
 # Settings that define the model and its objective: a resumed run must keep them.
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference behaviour: cut the class heads out of the gradient before accumulating evidence")
     add("--class-kl-per-sample", action="store_true",
         help="reference behaviour: count the group's class KL once per member instead of once per group")
-    data_loader.add_data_arguments(parser)
+    add_data_arguments(parser)
     add("--num-train", type=POSITIVE_INT, default=None,
         help=f"use only the first N images of the train split, --classes then picks its labels among them "
              f"({data_loader.VALIDATION_START} leaves the validation images unseen; default: all)")
@@ -450,9 +451,10 @@ def tensorboard_sources(test: data_loader.ImageSplit, device: torch.device) -> t
     grid's sources (the first test image of each of the first GRID_GROUPS groups, as `inference.py`
     takes them)."""
     groups = list(range(min(GRID_GROUPS, len(test.groups))))
-    index = torch.cat([torch.arange(RECONSTRUCTED), reference_indices(test.labels, groups, "fixed", None)])
+    shown = min(RECONSTRUCTED, len(test.labels))
+    index = torch.cat([torch.arange(shown), reference_indices(test.labels, groups, "fixed", None)])
     images = data_loader.to_float(test.images[index], device)
-    return images[:RECONSTRUCTED], images[RECONSTRUCTED:]
+    return images[:shown], images[shown:]
 
 
 @torch.no_grad()

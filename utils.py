@@ -33,6 +33,16 @@ def group_index(groups: torch.Tensor, num_groups: int | None = None) -> GroupInd
     return groups, counts.index_add(0, groups, torch.ones_like(groups))
 
 
+def rank_within_groups(labels: torch.Tensor) -> torch.Tensor:
+    """Each row's position [N] among the rows of its label, in row order (0 for a label's first row)."""
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(len(labels), device=labels.device) - starts[labels[order]]
+    return rank
+
+
 def training_groups(labels: torch.Tensor, group_size: int | None = None, batch_size: int | None = None
                     ) -> torch.Tensor:
     """Group ids [B] of a batch: one group per label (the paper), or with `group_size`, each label's
@@ -50,12 +60,7 @@ def training_groups(labels: torch.Tensor, group_size: int | None = None, batch_s
         return batch * (int(labels.max()) + 1) + labels
     if group_size is None:
         return labels
-    order = torch.argsort(labels, stable=True)
-    counts = torch.bincount(labels)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(labels)
-    rank[order] = torch.arange(len(labels), device=labels.device) - starts[labels[order]]
-    return labels * math.ceil(len(labels) / group_size) + rank // group_size
+    return labels * math.ceil(len(labels) / group_size) + rank_within_groups(labels) // group_size
 
 
 def num_training_groups(num_classes: int, batch_size: int, group_size: int | None = None) -> int:

@@ -41,7 +41,7 @@ import training
 from evaluation import (Posteriors, classifier_protocol, default_judge_path, encode, latent_accuracies,
                         load_pixel_classifier)
 from runs import (ModelSettings, add_model_arguments, check_writable, device_and_models, read_log, reports_errors,
-                  repository_path, script_parser, write_text_atomic)
+                  script_parser, write_text_atomic)
 from studies.group_size import GROUP_SIZES, accuracy_by_group_size
 from studies.swap_score import swap_scores
 from utils import accumulate_group_evidence, reconstruction_loss
@@ -73,9 +73,7 @@ def run_arguments(settings: ModelSettings) -> argparse.Namespace:
     """training.py's flags of the run: its args.json over training.py's defaults, with the model
     settings resolved for this evaluation (weights without args.json train nothing else)."""
     args = training.build_parser().parse_args([])
-    args_path = settings.encoder_path.parent / "args.json"
-    if settings.encoder_path.name == "encoder.pt" and args_path.is_file():
-        vars(args).update(json.loads(args_path.read_text()))
+    vars(args).update(settings.trained)
     args.eps_std, args.likelihood = settings.eps_std, settings.likelihood
     return args
 

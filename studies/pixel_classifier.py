@@ -21,13 +21,13 @@ from tqdm import tqdm
 import data_loader
 from evaluation import default_judge_path, predict
 from networks import PixelClassifier
-from runs import (POSITIVE, POSITIVE_INT, UserError, atomic_save, check_finite, check_writable, pick_device,
-                  reports_errors, repository_path, script_parser)
+from runs import (POSITIVE, POSITIVE_INT, UserError, add_data_arguments, atomic_save, check_finite, check_writable,
+                  pick_device, reports_errors, script_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
-    data_loader.add_data_arguments(parser)
+    add_data_arguments(parser)
     parser.add_argument("--epochs", type=POSITIVE_INT, default=8, help="passes over the training split")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="images per step")
     parser.add_argument("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate")
