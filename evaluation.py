@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import data_loader
 from networks import Classifier, PixelClassifier, init_reference_
+from runs import repository_path
 from utils import accumulate_group_evidence, group_index, group_wise_reparameterize, reparameterize, training_groups
 
 Posteriors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -173,10 +174,11 @@ def classifier_protocol(train: tuple[Posteriors, torch.Tensor], test: tuple[Post
 
 
 def default_judge_path(spec: data_loader.DataSpec) -> str:
-    """Where the pixel classifier of a data set lives unless --out / --pixel-classifier say otherwise."""
+    """Where the pixel classifier of a data set lives unless --out / --pixel-classifier say otherwise, in
+    the repository wherever a script runs from."""
     if spec.dataset == data_loader.FOLDER:
-        return f"out/pixel_classifier_folder_{Path(spec.data_dir).expanduser().resolve().name}.pt"
-    return f"checkpoints/pixel_classifier_{spec.dataset}.pt"
+        return repository_path(f"out/pixel_classifier_folder_{Path(spec.data_dir).expanduser().resolve().name}.pt")
+    return repository_path(f"checkpoints/pixel_classifier_{spec.dataset}.pt")
 
 
 def load_pixel_classifier(path: str | Path, device: torch.device, shape: tuple[int, int, int] = (1, 28, 28)

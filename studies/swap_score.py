@@ -28,7 +28,7 @@ import torch
 import data_loader
 from evaluation import default_judge_path, draw_evidence_sets, encode, load_pixel_classifier, predict, sample_per_label
 from runs import (POSITIVE_INT, UserError, add_model_arguments, check_finite, check_label_counts, check_writable,
-                  device_and_models, reports_errors, repository_path, script_parser, write_text_atomic)
+                  device_and_models, reports_errors, script_parser, write_text_atomic)
 from utils import fused_means
 
 

@@ -1,9 +1,11 @@
 """evaluation.py: the per-label sampler, evidence sets and the latent-classifier recipe."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+import data_loader
 import evaluation
 from conftest import naive_product_of_gaussians
 
@@ -114,3 +116,10 @@ def test_sample_per_label_draws_distinct_images_of_each_label():
 def test_sample_per_label_refuses_more_images_than_a_label_has():
     with pytest.raises(ValueError, match="label 1"):
         evaluation.sample_per_label(torch.tensor([0, 0, 1]), [1], 2, generator=torch.Generator())
+
+
+def test_the_default_pixel_classifier_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Path(evaluation.default_judge_path(data_loader.DataSpec())).is_file()  # the shipped MNIST judge
+    folder = evaluation.default_judge_path(data_loader.DataSpec("folder", str(tmp_path / "faces")))
+    assert Path(folder).is_absolute() and Path(folder).name == "pixel_classifier_folder_faces.pt"
