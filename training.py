@@ -49,7 +49,8 @@ from utils import group_index, latent_layer, reconstruction_loss
 RUN_SETTINGS = ("dataset", "data_list", "split_list", "image_size", "channels", "groups_per_batch",
                 "images_per_group", "arch", "style_dim", "class_dim", "likelihood", "eps_std", "detach_class_posterior",
                 "class_kl_per_sample", "reconstruction_coef", "kl_coef", "style_kl_coef", "group_size",
-                "batch_size", "lr", "beta1", "beta2", "num_train", "num_train_of", "classes", "hold_out_validation", "seed", "precision")
+                "batch_size", "lr", "beta1", "beta2", "num_train", "num_train_of", "classes", "hold_out_validation",
+                "seed", "precision")
 # Settings that runs saved before args.json recorded them ran with another value than today's default.
 SAVED_BEFORE = {"num_train_of": NUM_TRAIN_OF_BEFORE}
 PROGRESS_EVERY = 25  # steps between progress-bar updates and NaN checks (each one syncs the device)

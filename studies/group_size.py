@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
     _, _, test_mu, test_logvar = encode(encoder, test_x)
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    _, mlp = train_latent_classifiers(train_posteriors, train_y, iterations=args.mlp_steps, batch_size=mlp_batch, lr=1e-4,
-                                      evidence=False, eps_std=settings.eps_std, sampled=False, generator=generator,
-                                      progress=False)
+    _, mlp = train_latent_classifiers(train_posteriors, train_y, iterations=args.mlp_steps, batch_size=mlp_batch,
+                                      lr=1e-4, evidence=False, eps_std=settings.eps_std, sampled=False,
+                                      generator=generator, progress=False)
     accuracies = accuracy_by_group_size(train_posteriors[2], train_y, test_mu, test_logvar, test_y, mlp,
                                         args.group_sizes, torch.Generator().manual_seed(args.seed))
     results = {"label": args.label or str(settings.encoder_path), "split": args.split,

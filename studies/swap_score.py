@@ -56,7 +56,8 @@ def swap_scores(encoder: torch.nn.Module, decoder: torch.nn.Module, classifier: 
     style_mu, _, class_mu, class_logvar = encode(encoder, images)
     classes = labels.unique()
     if len(classes) > max_groups:
-        classes = classes[torch.randperm(len(classes), generator=generator)[:max_groups].sort().values.to(classes.device)]
+        picked = torch.randperm(len(classes), generator=generator)[:max_groups].sort().values
+        classes = classes[picked.to(classes.device)]
     styles = torch.randperm(len(images), generator=generator)[:num_styles].to(images.device)
     # For every (style source, label): a random test image of that label as the class source.
     sources = sample_per_label(labels, classes.tolist(), 1, len(styles), generator).squeeze(2)  # [S, C]

@@ -40,8 +40,8 @@ CONFIGS = {
     "dims16": ["--style-dim", "16", "--class-dim", "16"],
     "conv16": ["--arch", "conv", "--style-dim", "16", "--class-dim", "16"],
     "conv16_stylekl4": ["--arch", "conv", "--style-dim", "16", "--class-dim", "16", "--style-kl-coef", "4"],
-    **{f"conv16_stylekl{weight}": ["--arch", "conv", "--style-dim", "16", "--class-dim", "16", "--style-kl-coef", weight]
-       for weight in ("1.5", "2", "2.5", "3")},
+    **{f"conv16_stylekl{weight}": ["--arch", "conv", "--style-dim", "16", "--class-dim", "16",
+                                   "--style-kl-coef", weight] for weight in ("1.5", "2", "2.5", "3")},
 }
 COLUMNS = ("config", "flags", "reconstruction", "style KL (nats/image)", "style val", "style val (means)",
            "class val", "class val (means)", "class val (evidence)", "K=1 logistic", "K=1 kNN", "K=1 MLP")
