@@ -1,4 +1,5 @@
-"""The ML-VAE networks: encoder with style and class heads, decoder, latent classifier, pixel judge.
+"""The ML-VAE networks: encoder with style and class heads, decoder, latent classifier, pixel judge,
+factor probes.
 
 Every network takes the image shape (channels, height, width), MNIST's (1, 28, 28) by default. The MLP's
 architecture and state_dict keys are the reference implementation's, so its published weights load
@@ -259,3 +260,28 @@ class PixelClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images.reshape(-1, *self.shape)))
+
+
+class ProbeBank(nn.Module):
+    """`count` independent MLP probes z -> 128 -> ReLU -> 128 -> ReLU -> `outputs`, one per target, run as
+    batched matmuls: output [count, N, outputs]. No BatchNorm, so each probe's output for a row depends on
+    that row alone, as a permutation-importance measurement needs."""
+
+    def __init__(self, count: int, z_dim: int, outputs: int, hidden: int = 128) -> None:
+        super().__init__()
+        dims = [z_dim, hidden, hidden, outputs]
+        # nn.Linear's default initialisation, one draw per probe.
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(count, fan_in, fan_out).uniform_(-1, 1) / math.sqrt(fan_in))
+            for fan_in, fan_out in zip(dims, dims[1:]))
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.empty(count, 1, fan_out).uniform_(-1, 1) / math.sqrt(fan_in))
+            for fan_in, fan_out in zip(dims, dims[1:]))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = z.expand(len(self.weights[0]), *z.shape)
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(bias, h, weight)
+            if layer < len(self.weights) - 1:
+                h = F.relu(h)
+        return h
