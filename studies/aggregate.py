@@ -5,7 +5,9 @@ headline tables to results/headline.md and between README.md's markers `<!-- hea
 `<!-- headline:end -->`; the comparison with the published anchors, protocol by protocol, to
 results/anchors.md and between docs/reference.md's markers `<!-- anchors:start -->` and
 `<!-- anchors:end -->`; a table of every evaluated run (each seed a row) to results/evaluations.md; and
-the figure of class accuracy against K fused images (seed means) to images/group_size.png.
+the figure of class accuracy against K fused images (seed means) to images/group_size.png. The
+per-run files results/factors_*.json (studies.factors, runs on the identities data) become the tables of
+results/factors.md: what each code holds, factor by factor.
 
     python -m studies.aggregate            # after `python -m studies.evaluate ... --json results/eval_<run>.json`
     python -m studies.aggregate --check    # exit 1 when a table or block differs from what the files give
@@ -51,6 +53,8 @@ SWAP = [("content transfer", ("swap_score", "{evidence}", "content_transfer")),
         ("ceiling", ("swap_score", "{evidence}", "reconstruction_ceiling"))]
 LOSS = [("reconstruction, means", ("test_loss", "posterior_means")),
         ("reconstruction, sampled", ("test_loss", "sampled"))]
+FACTOR_NAMES = {"rotation_deg": "rotation", "scale": "scale", "translate_x": "x shift", "translate_y": "y shift",
+                "stroke_hue_deg": "stroke hue", "background_hue_deg": "background hue"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +179,51 @@ def evaluations_table(evaluations: list[dict]) -> str:
             + markdown(["run", "seed", *(title for title, _ in columns), *(title for title, _ in LOSS)], rows) + "\n")
 
 
+def factors_tables(results: list[dict]) -> str:
+    """results/factors.md: per configuration (mean ± std over seeds) and latents, each code's R^2 per style
+    factor, digit accuracy and identity retrieval; the class code fused over K; the importance shares."""
+    groups: dict[str, list[dict]] = {}
+    for result in results:
+        groups.setdefault(configuration(result["run"]), []).append(result)
+    probe_header = ["configuration", "seeds", "latents", *(f"{name} R²" for name in FACTOR_NAMES.values()), "digit %",
+                    "identity top-1 %", "identity top-5 %"]
+    sections = []
+    for code in ("style", "class"):
+        rows = []
+        for name, runs in groups.items():
+            for latents in PROTOCOLS:
+                probes = [run["probes"][code][latents[0]] for run in runs]
+                found = [run["retrieval"][code][latents[0]]["1"] for run in runs]
+                rows.append([f"`{name}`", str(len(runs)), latents[0],
+                             *(mean_std([p[factor] for p in probes], 3) for factor in FACTOR_NAMES),
+                             mean_std([100 * p["digit"] for p in probes], 1),
+                             *(mean_std([100 * f[top] for f in found], 1) for top in ("top1", "top5"))])
+        sections.append(f"**The {code} code**, one rendering's code (unseen test identities)\n\n"
+                        + markdown(probe_header, rows))
+    rows = []
+    for name, runs in groups.items():
+        for latents, _ in PROTOCOLS:
+            for k in runs[0]["fusion"][latents]:
+                scores = [run["fusion"][latents][k] for run in runs]
+                rows.append([f"`{name}`", str(len(runs)), latents, k,
+                             *(mean_std([100 * s[key] for s in scores], 1) for key in ("digit", "top1", "top5"))])
+    sections.append("**The class code fused over K renderings**\n\n"
+                    + markdown(["configuration", "seeds", "latents", "K", "digit %", "identity top-1 %",
+                                "identity top-5 %"], rows))
+    rows = []
+    for name, runs in groups.items():
+        shares = [run["importance"]["style_share"] for run in runs]
+        rows.append([f"`{name}`", str(len(runs)),
+                     *(mean_std([share[factor] for share in shares], 2) for factor in [*FACTOR_NAMES, "digit"]),
+                     *(mean_std([run["importance"][key] for run in runs], 2)
+                       for key in ("disentanglement", "completeness"))])
+    sections.append("**Where each factor lives**: the share of its permutation importance in the style code "
+                    "(1: all in style, 0: all in class), and DCI's scores\n\n"
+                    + markdown(["configuration", "seeds", *FACTOR_NAMES.values(), "digit", "disentanglement",
+                                "completeness"], rows))
+    return "\n\n".join(sections) + "\n"
+
+
 def anchors_table(evaluations: list[dict]) -> str:
     """Single-image digit accuracy of our runs on each protocol, beside the published anchors."""
     groups = group_seeds(evaluations)
@@ -252,6 +301,9 @@ def main(argv: list[str] | None = None) -> str:
         sys.exit(f"error: {error}")
     anchors_file = args.results_dir / "anchors.md"
     written = ((args.readme, readme), (out, block), (args.anchors_doc, anchors_doc), (anchors_file, anchors))
+    factor_results = [json.loads(path.read_text()) for path in sorted(args.results_dir.glob("factors_*.json"))]
+    if factor_results:
+        written += ((args.results_dir / "factors.md", factors_tables(factor_results)),)
     if args.check:
         stale = [str(path) for path, text in written if not path.is_file() or path.read_text() != text]
         if stale:
@@ -263,8 +315,9 @@ def main(argv: list[str] | None = None) -> str:
     write_text_atomic(args.results_dir / "evaluations.md", evaluations_table(evaluations))
     plot_group_size(group_seeds(evaluations), args.figure)
     print(block)
-    print(f"Wrote {out}, {anchors_file}, {args.results_dir / 'evaluations.md'}, {args.figure}, the headline block "
-          f"in {args.readme} and the anchors block in {args.anchors_doc}")
+    files = ", ".join(str(path) for path, _ in written[1:2] + written[3:])
+    print(f"Wrote {files}, {args.results_dir / 'evaluations.md'}, {args.figure}, the headline block in {args.readme} "
+          f"and the anchors block in {args.anchors_doc}")
     return block
 
 

@@ -201,3 +201,52 @@ def test_group_size_figure_plots_each_probes_seed_mean_at_each_k(tmp_path, monke
             assert list(line.get_xdata()) == SIZES
             want = [statistics.mean(run["group_size"][probe][i] for run in seeds) for i in range(len(SIZES))]
             assert list(line.get_ydata()) == pytest.approx(want)
+
+
+def fake_factors(run: str, shift: float) -> dict:
+    """A studies.factors result in its schema; every number distinct, offset by `shift`."""
+    counter = itertools.count()
+    number = lambda: round(0.001 * next(counter) + shift, 6)  # noqa: E731
+    names = [*aggregate.FACTOR_NAMES, "digit"]
+    protocols = ("means", "sampled")
+    return {"run": run,
+            "probes": {code: {p: {name: number() for name in names} for p in protocols} for code in ("style", "class")},
+            "retrieval": {code: {p: {"1": {"top1": number(), "top5": number()}} for p in protocols}
+                          for code in ("style", "class")},
+            "fusion": {p: {k: {"digit": number(), "top1": number(), "top5": number()} for k in ("2", "4")}
+                       for p in protocols},
+            "importance": {"style_share": {name: number() for name in names}, "disentanglement": number(),
+                           "completeness": number()}}
+
+
+def test_factors_tables_give_each_cell_the_seed_mean_of_its_own_number(tmp_path, results_and_readme):
+    results, _, flags = results_and_readme
+    runs = [fake_factors("identities_mlvae", 0.1), fake_factors("identities_mlvae_seed1", 0.3)]
+    for run in runs:
+        (results / f"factors_{run['run']}.json").write_text(json.dumps(run))
+    aggregate.main(flags)
+    table = (results / "factors.md").read_text()
+    style, class_, fused, shares = table.split("**")[1::2]
+    assert style.startswith("The style code") and fused.startswith("The class code fused")
+    rows = rows_of(table, "identities_mlvae")
+
+    def cell(values, digits):
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+    class_means = [run["probes"]["class"]["means"] for run in runs]
+    found = [run["retrieval"]["class"]["means"]["1"] for run in runs]
+    expected = ("| `identities_mlvae` | 2 | means | "
+                + " | ".join(cell([p[f] for p in class_means], 3) for f in aggregate.FACTOR_NAMES)
+                + f" | {cell([100 * p['digit'] for p in class_means], 1)} | "
+                + f"{cell([100 * f['top1'] for f in found], 1)} | {cell([100 * f['top5'] for f in found], 1)} |")
+    assert expected in rows[2:4] and rows.index(expected) == 3  # the class table's means row
+    fused_row = [run["fusion"]["sampled"]["4"] for run in runs]
+    assert (f"| `identities_mlvae` | 2 | sampled | 4 | {cell([100 * s['digit'] for s in fused_row], 1)} | "
+            f"{cell([100 * s['top1'] for s in fused_row], 1)} | {cell([100 * s['top5'] for s in fused_row], 1)} |"
+            in rows)
+    share = [run["importance"]["style_share"]["scale"] for run in runs]
+    assert rows[-1].split(" | ")[3] == cell(share, 2)
+    aggregate.main(flags + ["--check"])
+    (results / "factors_identities_mlvae_seed1.json").write_text(json.dumps(fake_factors("identities_mlvae_seed1", 0.5)))
+    with pytest.raises(SystemExit, match="factors.md"):
+        aggregate.main(flags + ["--check"])
