@@ -328,7 +328,11 @@ def fused_adam_kernel(params: list[torch.Tensor], grads: list[torch.Tensor], exp
 fused_adam_op = torch.library.custom_op(
     "mlvae::fused_adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))(
     fused_adam_kernel)
-fused_adam_op.register_fake(lambda *args, **kwargs: None)
+
+
+@fused_adam_op.register_fake
+def fused_adam_outputs(*args, **kwargs) -> None:
+    """What the op returns when traced: nothing; it updates its inputs in place."""
 
 
 def adam_update(optimizer: torch.optim.Adam, grads: list[torch.Tensor]) -> None:
@@ -342,6 +346,7 @@ def adam_update(optimizer: torch.optim.Adam, grads: list[torch.Tensor]) -> None:
     (torch.optim.Adam(..., lr=torch.tensor(1e-3)), torch.optim's way to schedule a compiled optimizer) is
     read at every step. UserError for settings the fused kernel has no form for (differentiable).
     """
+    update = fused_adam_op if torch.compiler.is_compiling() else fused_adam_kernel
     start = 0
     for group in optimizer.param_groups:
         if group.get("differentiable"):
@@ -349,12 +354,12 @@ def adam_update(optimizer: torch.optim.Adam, grads: list[torch.Tensor]) -> None:
                             "differentiable=False only")
         params = group["params"]
         states = [optimizer.state[p] for p in params]
+        max_exp_avg_sqs = [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else []
         lr = group["lr"]
         tensor_lr = isinstance(lr, torch.Tensor)
-        update = fused_adam_op if torch.compiler.is_compiling() else fused_adam_kernel
         with torch.no_grad():
             update(params, grads[start:start + len(params)], [s["exp_avg"] for s in states],
-                   [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                   [s["exp_avg_sq"] for s in states], max_exp_avg_sqs,
                    [s["step"] for s in states], lr=0.0 if tensor_lr else lr, lr_tensor=lr if tensor_lr else None,
                    beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
                    eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"],
