@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
-from torch.optim.adam import adam
 from tqdm import tqdm
 
 import data_loader
@@ -309,23 +308,63 @@ def compute_losses(encoder: Encoder, decoder: Decoder, x: torch.Tensor, groups: 
     return terms / x.numel()
 
 
-def adam_update(optimizer: torch.optim.Adam, grads: list[torch.Tensor]) -> None:
-    """optimizer.step() with the gradients given: torch.optim's own Adam update on the optimizer's own
-    state (so checkpoints keep torch.optim's format), callable inside a compiled graph.
+def fused_adam_kernel(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                      exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
+                      lr: float, lr_tensor: torch.Tensor | None, beta1: float, beta2: float, weight_decay: float,
+                      eps: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool) -> None:
+    """One Adam (AdamW when decoupled_weight_decay) step of one parameter group in place: torch.optim's fused
+    CPU/CUDA kernel, called as torch.optim.adam._fused_adam calls it (step counts first, then the kernel).
+    `lr_tensor`, when given, is the learning rate (a tensor lr, read at every step); else `lr`."""
+    torch._foreach_add_(steps, 1)
+    kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+    kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad=amsgrad,
+           lr=lr if lr_tensor is None else lr_tensor, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+           maximize=maximize, grad_scale=None, found_inf=None)
 
-    Adam.step() breaks a compiled graph on purpose (pytorch/pytorch#104053) and reads .grad, which a
-    traced backward cannot write without another break. Eager runs the fused CPU/CUDA kernel; under
-    torch.compile the foreach form, which Inductor fuses, with the step counts kept on the device
-    (capturable), as CUDA graphs need.
+
+# The fused kernel as an op a compiled graph calls: torch.optim's own entry to it is hidden from torch.compile
+# (torch.compiler.disable), and Inductor's fusion of the traced foreach form recomputes the bias corrections
+# (two pow calls) for every 8 elements, several times the fused kernel's time on a CPU (docs/speed.md).
+fused_adam_op = torch.library.custom_op(
+    "mlvae::fused_adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))(
+    fused_adam_kernel)
+
+
+@fused_adam_op.register_fake
+def fused_adam_outputs(*args, **kwargs) -> None:
+    """What the op returns when traced: nothing; it updates its inputs in place."""
+
+
+def adam_update(optimizer: torch.optim.Adam, grads: list[torch.Tensor]) -> None:
+    """optimizer.step() with the gradients given, one per parameter of its param groups in order: torch.optim's
+    fused Adam kernel on the optimizer's own state (made by init_adam_state; checkpoints keep torch.optim's
+    format), with each group's lr, betas, eps, weight_decay, amsgrad, maximize and decoupled_weight_decay
+    (AdamW). Callable inside a compiled graph: Adam.step() breaks one on purpose (pytorch/pytorch#104053)
+    and reads .grad, which a traced backward cannot write without another break.
+
+    A float lr is a constant of a compiled graph, so changing it recompiles the graph; a tensor lr
+    (torch.optim.Adam(..., lr=torch.tensor(1e-3)), torch.optim's way to schedule a compiled optimizer) is
+    read at every step. UserError for settings the fused kernel has no form for (differentiable).
     """
-    group, = optimizer.param_groups
-    states = [optimizer.state[p] for p in group["params"]]
-    compiling = torch.compiler.is_compiling()
-    with torch.no_grad():
-        adam(group["params"], grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-             [s["step"] for s in states], fused=not compiling, foreach=compiling, capturable=compiling,
-             amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
-             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+    update = fused_adam_op if torch.compiler.is_compiling() else fused_adam_kernel
+    start = 0
+    for group in optimizer.param_groups:
+        if group.get("differentiable"):
+            raise UserError("Adam(differentiable=True) has no fused kernel; training.adam_update runs "
+                            "differentiable=False only")
+        params = group["params"]
+        states = [optimizer.state[p] for p in params]
+        max_exp_avg_sqs = [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else []
+        lr = group["lr"]
+        tensor_lr = isinstance(lr, torch.Tensor)
+        with torch.no_grad():
+            update(params, grads[start:start + len(params)], [s["exp_avg"] for s in states],
+                   [s["exp_avg_sq"] for s in states], max_exp_avg_sqs,
+                   [s["step"] for s in states], lr=0.0 if tensor_lr else lr, lr_tensor=lr if tensor_lr else None,
+                   beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
+                   eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+                   decoupled_weight_decay=group.get("decoupled_weight_decay", False))
+        start += len(params)
 
 
 def optimization_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Adam, x: torch.Tensor,
@@ -337,7 +376,7 @@ def optimization_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim
     """
     terms = compute_losses(encoder, decoder, x, groups, noise, args)
     loss = args.reconstruction_coef * terms[0] + args.kl_coef * (args.style_kl_coef * terms[1] + terms[2])
-    params = optimizer.param_groups[0]["params"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     # A parameter the loss does not reach (the class heads under --detach-class-posterior) gets a zero
     # gradient, with which Adam leaves it unchanged.
     grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
@@ -348,13 +387,44 @@ def optimization_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim
 def compile_step(optimizer: torch.optim.Adam, device: torch.device):
     """optimization_step as one torch.compile'd graph (fullgraph: a graph break is an error): forward,
     backward and Adam update; on CUDA replayed as a CUDA graph (mode="reduce-overhead"). Call it once
-    the optimizer holds the state it will train with (after a resume's load_state_dict)."""
-    torch._dynamo.config.trace_autograd_ops = True  # trace autograd.grad into the graph instead of breaking it
-    for state in optimizer.state.values():  # updated in place at every step: CUDA graphs keep their addresses
-        for tensor in state.values():
-            torch._dynamo.mark_static_address(tensor)
-    return torch.compile(optimization_step, fullgraph=True,
-                         mode="reduce-overhead" if device.type == "cuda" else None)
+    the optimizer holds the state it will train with (after a resume's load_state_dict).
+
+    Where compilation fails (no C++ compiler for Inductor, say), the step says so in one `note:` line
+    and runs eager from then on (eager_fallback)."""
+    # torch 2.14 traces autograd.grad (and Tensor.backward) into a graph only with this switch on, which it
+    # has no public form of; without it the backward breaks the graph.
+    torch._dynamo.config.trace_autograd_ops = True
+    for tensor in static_tensors(optimizer):  # updated in place at every step: CUDA graphs keep their addresses
+        torch._dynamo.mark_static_address(tensor)
+    compiled = torch.compile(optimization_step, fullgraph=True,
+                             mode="reduce-overhead" if device.type == "cuda" else None)
+    return eager_fallback(compiled)
+
+
+def static_tensors(optimizer: torch.optim.Adam) -> list[torch.Tensor]:
+    """The optimizer's state tensors and its tensor learning rates (which a scheduler fills in place)."""
+    lrs = [group["lr"] for group in optimizer.param_groups if isinstance(group["lr"], torch.Tensor)]
+    return [tensor for state in optimizer.state.values() for tensor in state.values()] + lrs
+
+
+def eager_fallback(compiled):
+    """`compiled` (a compiled optimization_step), which turns into optimization_step itself the first time
+    its compilation fails: one `note:` line says why, and that step and all later ones run eager. A failed
+    compilation runs nothing, so the step is taken once."""
+    step = compiled
+
+    def run(*args):
+        nonlocal step
+        try:
+            return step(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            cause = error.inner_exception
+            reason = next(iter(str(cause).strip().splitlines()), "")[:200] or type(cause).__name__
+            print(f"note: --compile: torch.compile failed ({reason}); training continues eager", flush=True)
+            step = optimization_step
+            return step(*args)
+
+    return run
 
 
 def train_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Adam, x: torch.Tensor,
@@ -374,14 +444,23 @@ def train_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Adam, 
 
 
 def make_optimizer(encoder: Encoder, decoder: Decoder, args: argparse.Namespace) -> torch.optim.Adam:
-    """Adam over both networks, its state created now rather than at the first step() (adam_update
-    never calls step()), laid out as fused Adam keeps it: the step counts on the parameters' device."""
+    """Adam over both networks, with its state created now (init_adam_state)."""
     params = list(encoder.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.Adam(params, lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
-    for p in params:
-        optimizer.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p),
-                              "exp_avg_sq": torch.zeros_like(p)}
+    init_adam_state(optimizer)
     return optimizer
+
+
+def init_adam_state(optimizer: torch.optim.Adam) -> None:
+    """Create the Adam state of every parameter that has none, as the first step() would (adam_update never
+    calls step()), laid out as fused Adam keeps it: the step counts on the parameters' device, and
+    max_exp_avg_sq in the groups with amsgrad."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p),
+                                      **({"max_exp_avg_sq": torch.zeros_like(p)} if group["amsgrad"] else {})}
 
 
 def saved_args(args: argparse.Namespace) -> dict:

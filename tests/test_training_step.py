@@ -1,6 +1,7 @@
 """training.py's step: the loss terms and their scale, the weighted loss's gradients, the Adam update, the
 step's noise; eager and compiled steps train alike, the compiled step is one graph."""
 import csv
+import itertools
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 from torch.distributions import Normal
 
 import training
+from runs import UserError
 from conftest import naive_product_of_gaussians, prior_kl
 from networks import build_networks
 from utils import num_training_groups, training_groups
@@ -80,7 +82,7 @@ def test_the_whole_step_is_one_graph_without_breaks():
                                                                  args)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
     ops = {node.target for node in explained.graphs[0].graph.nodes}
-    assert {torch.autograd.grad, torch._foreach_addcdiv_} <= ops  # the backward and Adam's update are in it
+    assert {torch.autograd.grad, torch.ops.mlvae.fused_adam_.default} <= ops  # the backward and the fused Adam
 
 
 def final_loss(tmp_path, *flags):
@@ -95,6 +97,18 @@ def final_loss(tmp_path, *flags):
 def test_bf16_trains_to_the_fp32_loss(tmp_path):
     assert final_loss(tmp_path / "bf16", "--precision", "bf16") == pytest.approx(final_loss(tmp_path / "fp32"),
                                                                                 rel=0.03)
+
+
+def test_a_run_whose_compilation_fails_trains_eager_after_one_note(tmp_path, monkeypatch, capsys):
+    def no_compiler(graph, example_inputs):  # as Inductor fails on a machine without a C++ compiler
+        raise RuntimeError("Compiler: g++ is not found\nsecond line")
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, **kwargs, backend=no_compiler))
+    compiled = final_loss(tmp_path / "compiled", "--compile")
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "g++ is not found" in notes[0] and "eager" in notes[0]
+    assert compiled == final_loss(tmp_path / "eager")  # every step taken once, the noise drawn as eager draws it
 
 
 def step_inputs(args, seed=1):
@@ -160,14 +174,27 @@ def test_step_gradients_are_those_of_the_loss_weighted_by_the_coefficients(monke
         torch.testing.assert_close(got, expected)
 
 
-def test_adam_update_is_torch_optim_adams_step_with_the_optimizers_settings():
-    args = step_args("--lr", "0.01", "--beta1", "0.8", "--beta2", "0.95")
+def two_group_optimizers(settings):
+    """An optimizer as make_optimizer builds it but with the encoder and the decoder in two param groups of
+    their own `settings`, and torch.optim's own Adam over copies of the same weights."""
     torch.manual_seed(0)
-    optimizer = training.make_optimizer(*build_networks(args.arch, 3, 2), args)
-    optimizer.param_groups[0].update(eps=1e-3, weight_decay=0.1)  # far from the defaults and each other
-    params = optimizer.param_groups[0]["params"]
-    copies = [p.detach().clone().requires_grad_() for p in params]
-    reference = torch.optim.Adam(copies, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1)
+    networks = build_networks("mlp", 3, 2)
+    optimizer = torch.optim.Adam([{"params": net.parameters(), **group} for net, group in zip(networks, settings)],
+                                 fused=True)
+    training.init_adam_state(optimizer)
+    copies = [[p.detach().clone().requires_grad_() for p in net.parameters()] for net in networks]
+    reference = torch.optim.Adam([{"params": params, **group} for params, group in zip(copies, settings)])
+    return optimizer, reference
+
+
+@pytest.mark.parametrize("settings", [
+    [{"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-3, "weight_decay": 0.1}] * 2,  # far from the defaults
+    [{"lr": 0.02, "amsgrad": True}, {"lr": 0.005, "maximize": True, "weight_decay": 0.01}],
+    [{"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}, {"lr": torch.tensor(0.003)}]])
+def test_adam_update_is_torch_optim_adams_step_with_each_groups_settings(settings):
+    optimizer, reference = two_group_optimizers(settings)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    copies = [p for group in reference.param_groups for p in group["params"]]
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         grads = [torch.randn(p.shape, generator=gen) for p in params]
@@ -175,8 +202,47 @@ def test_adam_update_is_torch_optim_adams_step_with_the_optimizers_settings():
         for copy, grad in zip(copies, grads):
             copy.grad = grad.clone()
         reference.step()
-    for p, copy in zip(params, copies):
+    for p, copy in zip(params, copies, strict=True):
         torch.testing.assert_close(p.detach(), copy.detach())
+    assert optimizer.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
+    for saved, expected in zip(optimizer.state_dict()["state"].values(), reference.state_dict()["state"].values()):
+        assert saved.keys() == expected.keys()  # the checkpoint holds what torch.optim's Adam writes
+
+
+@pytest.mark.parametrize("lr", [0.01, torch.tensor(0.01)])
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler")  # adam_update never calls step()
+def test_a_compiled_step_follows_a_learning_rate_scheduler(lr, monkeypatch):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, **kwargs, backend=counter))
+    args = step_args()
+    weights = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        encoder, decoder = build_networks(args.arch, args.style_dim, args.class_dim, args.likelihood)
+        optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()],
+                                     lr=lr.clone() if isinstance(lr, torch.Tensor) else lr, fused=True)
+        training.init_adam_state(optimizer)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)
+        step_fn = training.compile_step(optimizer, args.device) if compiled else training.optimization_step
+        generator = torch.Generator().manual_seed(0)
+        for x, labels in itertools.islice(batches(generator), 2):  # the second step at the scheduler's lr
+            training.train_step(encoder, decoder, optimizer, x, labels, 10, args, generator, step_fn)
+            scheduler.step()
+        weights.append([p.detach().clone() for p in optimizer.param_groups[0]["params"]])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # A tensor lr is read at every step; a float one is a constant of the graph, recompiled when it changes.
+    assert (counter.frame_count == 1) == isinstance(lr, torch.Tensor)
+
+
+def test_a_differentiable_adam_is_refused_with_a_user_error():
+    optimizer = torch.optim.Adam(build_networks("mlp", 3, 2)[0].parameters(), differentiable=True)
+    training.init_adam_state(optimizer)
+    with pytest.raises(UserError, match="differentiable"):
+        training.adam_update(optimizer, [torch.zeros_like(p) for p in optimizer.param_groups[0]["params"]])
 
 
 def test_train_step_draws_standard_normal_noise_from_the_generator():
