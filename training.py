@@ -33,6 +33,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -664,7 +665,9 @@ def train(args: argparse.Namespace, world: distributed.World = distributed.World
 
     epochs_bar = tqdm(range(epoch, args.epochs), initial=epoch, total=args.epochs, desc=args.run_name,
                       unit="epoch", disable=args.no_progress, dynamic_ncols=True)
-    with StopRequest() as stop, writer:
+    # A lost process is reported while the stop handlers still hold: torchrun's SIGTERM, which follows
+    # a process's death at once, then cannot end this one before it has said why.
+    with StopRequest() as stop, ends_on_a_lost_process(args, world), writer:
         for epoch in epochs_bar:
             if perm is None:
                 perm = batches.epoch_order(generator)
@@ -736,6 +739,20 @@ def last_save(run_dir: Path) -> str:
             else "nothing was saved")
 
 
+@contextlib.contextmanager
+def ends_on_a_lost_process(args: argparse.Namespace, world: distributed.World) -> Iterator[None]:
+    """Under torchrun, end with one `error:` line when another process of the run has gone (its
+    collective raises here), saying what the run folder keeps and how to continue."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not distributed.lost_peer(error):
+            raise
+        cause = str(error).splitlines()[0]
+        fail(f"process {world.rank} of {world.size}: another process of the run ended ({cause}); "
+             f"{last_save(args.run_dir)}; continue with {resume_command(args)}", 1)
+
+
 @reports_errors
 def main(argv: list[str] | None = None) -> Path:
     world = distributed.world_from_environment()
@@ -745,7 +762,7 @@ def main(argv: list[str] | None = None) -> Path:
         args = parse_args(argv)
     args.no_progress = args.no_progress or not world.leader  # rank 0 alone writes args.json
     set_float32_precision(args.precision)
-    with distributed.process_group(world, args.device), \
+    with distributed.process_group(world, args.device), ends_on_a_lost_process(args, world), \
             contextlib.nullcontext() if world.leader else contextlib.redirect_stdout(io.StringIO()):
         try:
             return train(args, world)
@@ -755,12 +772,6 @@ def main(argv: list[str] | None = None) -> Path:
             fp32 = " or --precision fp32" if args.precision != "fp32" else ""
             fail(f"{error}; {last_save(args.run_dir)}. Start a new run (another --run-name) with a lower --lr than "
                  f"{args.lr:g}{fp32}", 1)
-        except RuntimeError as error:
-            if not distributed.lost_peer(error):
-                raise
-            cause = str(error).splitlines()[0]
-            fail(f"process {world.rank} of {world.size}: another process of the run ended ({cause}); "
-                 f"{last_save(args.run_dir)}; continue with {resume_command(args)}", 1)
 
 
 if __name__ == "__main__":
