@@ -1,7 +1,7 @@
 """Data-parallel plumbing for training.py under torchrun: the process group, one device per process,
 the average of the gradients and the loss terms over the processes, and their agreement on when to stop.
 
-    torchrun --standalone --nproc_per_node 2 training.py --groups-per-batch 16 --images-per-group 8
+    torchrun --standalone --nproc_per_node 2 training.py --groups-per-batch 10 --images-per-group 25
 
 torchrun gives each process RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE in its environment, as
 pytorch/examples' imagenet and nanoGPT read them; without them (a plain `python training.py`) the run

@@ -18,9 +18,9 @@ under runs/<run-name>. A folder that holds a run is written into only with --res
 Ctrl-C or SIGTERM saves and exits (status 130 or 143); `--resume` with the same --run-name continues a run
 stopped or killed at any instant, which loses at most the epochs since its last save (--save-every).
 
-    torchrun --standalone --nproc_per_node 2 training.py --groups-per-batch 16 --images-per-group 8
+    torchrun --standalone --nproc_per_node 2 training.py --groups-per-batch 10 --images-per-group 25
 
-trains the same model data-parallel in 2 processes (distributed.py; docs/training.md#several-processes).
+trains the same model data-parallel in 2 processes (distributed.py; docs/training.md, "Several processes").
 """
 from __future__ import annotations
 
@@ -479,8 +479,8 @@ class StopRequest:
         with status 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as a process ended by
         that signal does, so that a caller sees the run is not finished."""
         if say:
-            print(f"\nStopped by {signal.Signals(self.signum or signal.SIGTERM).name}: saved {where}; continue "
-                  f"with {resume}", file=sys.stderr, flush=True)
+            by = signal.Signals(self.signum).name if self.requested else "a signal to another process of the run"
+            print(f"\nStopped by {by}: saved {where}; continue with {resume}", file=sys.stderr, flush=True)
         sys.exit(128 + (self.signum or signal.SIGTERM))
 
     def agreed(self, world: distributed.World, device: torch.device, synced: bool) -> bool:
@@ -591,6 +591,19 @@ def restore_run(args: argparse.Namespace, encoder: Encoder, decoder: Decoder, op
     if repair:
         write_run(args.run_dir, {**state, "args": saved_args(args)})
     return state
+
+
+class SilentWriter:
+    """The TensorBoard writer of the processes other than rank 0 under torchrun: it writes nothing."""
+
+    def __enter__(self) -> "SilentWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
 
 
 def open_writer(args: argparse.Namespace, iteration: int):
@@ -717,19 +730,6 @@ def train(args: argparse.Namespace, world: distributed.World = distributed.World
                 stop.exit_saved(f"{args.run_dir} after epoch {epoch + 1}", resume_command(args), world.leader)
     print(f"Saved to {args.run_dir}")
     return args.run_dir
-
-
-class SilentWriter:
-    """The TensorBoard writer of the processes other than rank 0 under torchrun: it writes nothing."""
-
-    def __enter__(self) -> "SilentWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
 
 
 def last_save(run_dir: Path) -> str:
