@@ -101,7 +101,8 @@ def test_a_run_resumes_on_another_number_of_processes(tmp_path, tiny_data, start
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc to see when the run's signal handler is set")
-def test_sigterm_to_one_process_stops_all_after_the_same_step_with_a_save_and_exit_143(tmp_path, tiny_data, start_script):
+def test_sigterm_to_one_process_stops_all_after_the_same_step_with_a_save_and_exit_143(tmp_path, tiny_data,
+                                                                                     start_script):
     run_dir = tmp_path / "ck" / "term"
     processes = start_processes(start_script, flags(tiny_data, tmp_path, "term", "--epochs", "1000",
                                                     "--save-every", "1000"))
