@@ -364,11 +364,16 @@ class Batches:
     in a batch (or per `group_size` images of a label), a fixed group index of one slot per possible
     group. Group-balanced batches (`images_per_group` K): `groups_per_batch` G groups of K images each,
     group ids the G slots (group_balanced_order). No Python code runs per sample.
+
+    Of `ranks` processes, the one of `rank` takes whole groups: its G / ranks consecutive blocks of
+    each batch (the batch rows [rank * B / ranks, (rank + 1) * B / ranks)), with group ids [0, G / ranks).
+    Every process draws the same epoch order. Random batches group by label inside a batch, so that
+    no split of their rows keeps groups whole at equal shares: they are one process's.
     """
 
     def __init__(self, split: ImageSplit, batch_size: int, device: torch.device | str,
                  groups_per_batch: int | None = None, images_per_group: int | None = None,
-                 group_size: int | None = None) -> None:
+                 group_size: int | None = None, rank: int = 0, ranks: int = 1) -> None:
         # Where it fits (CPU memory, or a GPU), the whole split lives on the device; a memory-mapped
         # split on the CPU is read through the page cache, batch by batch.
         self.images = split.images.to(device)
@@ -376,13 +381,18 @@ class Batches:
         self.batch_size, self.images_per_group = batch_size, images_per_group
         self.group_size = group_size
         if images_per_group is None:
+            if ranks > 1:
+                raise ValueError("random batches are one process's; several processes take group-balanced ones")
             self.num_groups = num_training_groups(len(split.groups), batch_size, group_size)
             self.steps_per_epoch = len(self.labels) // batch_size
         else:
-            self.num_groups = groups_per_batch
+            if groups_per_batch % ranks:
+                raise ValueError(f"{ranks} processes cannot share {groups_per_batch} groups per batch equally")
+            self.num_groups = groups_per_batch // ranks  # this process's groups of each batch
             counts = torch.bincount(split.labels)
             self.steps_per_epoch = int((counts // images_per_group).sum()) // groups_per_batch
-            self.slots = torch.arange(groups_per_batch, device=device).repeat_interleave(images_per_group)
+            self.slots = torch.arange(self.num_groups, device=device).repeat_interleave(images_per_group)
+        self.rows = slice(rank * batch_size // ranks, (rank + 1) * batch_size // ranks)  # this process's, of a batch
         self.device = torch.device(device)
 
     def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
@@ -392,9 +402,10 @@ class Batches:
         return group_balanced_order(self.labels, self.num_groups, self.images_per_group, generator)
 
     def batch(self, order: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch `step` of an epoch order: float images [B, C, H, W] in [0, 1] and group ids [B] in
-        [0, num_groups)."""
-        index = order[step * self.batch_size:(step + 1) * self.batch_size]
+        """This process's rows of batch `step` of an epoch order: float images [B, C, H, W] in [0, 1]
+        and group ids [B] in [0, num_groups)."""
+        start = step * self.batch_size
+        index = order[start + self.rows.start:start + self.rows.stop]
         # index_select gathers rows about twice as fast as images[index] on the CPU.
         x = to_float(self.images.index_select(0, index), self.device)
         if self.images_per_group is not None:

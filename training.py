@@ -17,16 +17,23 @@ runs in checkpoints/ are never touched unless --checkpoint-dir points there) and
 under runs/<run-name>. A folder that holds a run is written into only with --resume or --overwrite.
 Ctrl-C or SIGTERM saves and exits (status 130 or 143); `--resume` with the same --run-name continues a run
 stopped or killed at any instant, which loses at most the epochs since its last save (--save-every).
+
+    torchrun --standalone --nproc_per_node 2 training.py --groups-per-batch 10 --images-per-group 25
+
+trains the same model data-parallel in 2 processes (distributed.py; docs/training.md, "Several processes").
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import shlex
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 import data_loader
+import distributed
 from evaluation import encode
 from grids import GRID_GROUPS, grid_image, reference_indices, swap_cells
 from networks import ARCHS, LIKELIHOODS, Decoder, Encoder, build_networks
@@ -172,8 +180,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for key in ("data_list", "split_list"):
             if getattr(args, key) is not None and Path(getattr(args, key)).is_file():
                 setattr(args, key, str(Path(getattr(args, key)).resolve()))
+    world = distributed.world_from_environment()
     try:
-        args.device = pick_device(args.device)
+        args.device = distributed.process_device(pick_device(args.device), world)
     except ValueError as error:
         parser.error(f"--device: {error}")
     args.run_name = args.run_name or default_run_name(args)
@@ -197,7 +206,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_train is not None and args.num_train < args.batch_size:
         parser.error(f"--num-train ({args.num_train}) must be at least --batch-size ({args.batch_size})")
     choose_batches(parser, args, given)
+    check_process_shares(parser, args, world.size)
     return args
+
+
+def check_process_shares(parser: argparse.ArgumentParser, args: argparse.Namespace, processes: int) -> None:
+    """Under torchrun, each process takes whole groups of every batch (data_loader.Batches): the batches
+    must be group-balanced, with a group count the process count divides."""
+    if processes == 1:
+        return
+    if args.images_per_group is None:
+        parser.error(f"random batches group images by label inside a batch, which {processes} processes cannot "
+                     "share as whole groups; pass --groups-per-batch G --images-per-group K, with G a multiple of "
+                     f"{processes} (e.g. --groups-per-batch {processes * math.ceil(10 / processes)} "
+                     "--images-per-group 25 on MNIST)")
+    if args.groups_per_batch % processes:
+        parser.error(f"--groups-per-batch {args.groups_per_batch}: {processes} processes take whole groups, an "
+                     f"equal share each; pass a multiple of {processes}, or another --nproc_per_node")
 
 
 def choose_batches(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]) -> None:
@@ -234,7 +259,9 @@ INVOCATION_FLAGS = {"resume", "overwrite", "device", "threads", "compile", "no_p
 def resume_command(args: argparse.Namespace) -> str:
     """The command that continues the run, in backquotes: --resume takes the run's settings from the saved
     run, and the INVOCATION_FLAGS that differ from their defaults are repeated."""
-    defaults, words = build_parser(), ["python", "training.py"]
+    world = distributed.world_from_environment()
+    launcher = ["python"] if world.size == 1 else ["torchrun", f"--nproc_per_node={world.local_size}"]
+    defaults, words = build_parser(), [*launcher, "training.py"]
     for key in ("checkpoint_dir", "run_name", "log_dir", "data_dir", "threads", "compile", "no_progress"):
         value = getattr(args, key)
         if key in ("checkpoint_dir", "run_name") or value != defaults.get_default(key):
@@ -380,8 +407,11 @@ def optimization_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim
     # A parameter the loss does not reach (the class heads under --detach-class-posterior) gets a zero
     # gradient, with which Adam leaves it unchanged.
     grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-    adam_update(optimizer, list(grads))
-    return terms.detach()
+    # Under torchrun each process's terms are its share's sums over its share's size: their averages
+    # are the whole batch's, and the averaged gradients the whole batch's gradients.
+    *grads, terms = distributed.average_over_processes([*grads, terms.detach()])
+    adam_update(optimizer, grads)
+    return terms
 
 
 def compile_step(optimizer: torch.optim.Adam, device: torch.device):
@@ -429,15 +459,20 @@ def eager_fallback(compiled):
 
 def train_step(encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Adam, x: torch.Tensor,
                groups: torch.Tensor, num_groups: int, args: argparse.Namespace,
-               generator: torch.Generator | None = None, step_fn=optimization_step) -> torch.Tensor:
+               generator: torch.Generator | None = None, step_fn=optimization_step,
+               world: distributed.World = distributed.World()) -> torch.Tensor:
     """One Adam step on one batch whose group ids lie in [0, num_groups) (data_loader.Batches); returns
     the detached loss terms [3] without syncing the device.
 
     The step's noise is drawn here from `generator`, outside `step_fn` (optimization_step or
-    compile_step's graph): a compiled run and an eager run of one seed draw the same numbers.
+    compile_step's graph): a compiled run and an eager run of one seed draw the same numbers. Under
+    torchrun, `x` is this process's share of the batch: every process draws the whole batch's noise,
+    as one process does, and takes its share's rows, so that all generators stay in one state.
     """
-    noise = (torch.randn(len(x), args.style_dim, generator=generator, device=x.device),
-             torch.randn(num_groups, args.class_dim, generator=generator, device=x.device))
+    noise = (torch.randn(len(x) * world.size, args.style_dim, generator=generator, device=x.device),
+             torch.randn(num_groups * world.size, args.class_dim, generator=generator, device=x.device))
+    if world.size > 1:
+        noise = tuple(rows.chunk(world.size)[world.rank] for rows in noise)
     if x.device.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()  # a CUDA graph may reuse the last step's output memory
     return step_fn(encoder, decoder, optimizer, x, groups, noise, args)
@@ -518,12 +553,21 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         self._restore()
 
-    def exit_saved(self, where: str, resume: str) -> NoReturn:
-        """After the save: say so and exit with status 128 + the signal's number (130 for Ctrl-C, 143 for
-        SIGTERM), as a process ended by that signal does, so that a caller sees the run is not finished."""
-        print(f"\nStopped by {signal.Signals(self.signum).name}: saved {where}; continue with {resume}",
-              file=sys.stderr, flush=True)
-        sys.exit(128 + self.signum)
+    def exit_saved(self, where: str, resume: str, say: bool = True) -> NoReturn:
+        """After the save: say so (unless not `say`: rank 0 speaks for the processes of torchrun) and exit
+        with status 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as a process ended by
+        that signal does, so that a caller sees the run is not finished."""
+        if say:
+            by = signal.Signals(self.signum).name if self.requested else "a signal to another process of the run"
+            print(f"\nStopped by {by}: saved {where}; continue with {resume}", file=sys.stderr, flush=True)
+        sys.exit(128 + (self.signum or signal.SIGTERM))
+
+    def agreed(self, world: distributed.World, device: torch.device, synced: bool) -> bool:
+        """Whether to stop now: in one process once a signal came; under torchrun once one came to any
+        process, asked only where the loop syncs anyway (`synced`), so that all stop after the same step."""
+        if world.size == 1:
+            return self.requested
+        return synced and distributed.any_process(self.requested, device)
 
 
 def tensorboard_sources(test: data_loader.ImageSplit, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -562,10 +606,12 @@ def write_step_losses(writer, pending: list[tuple[int, torch.Tensor]]) -> None:
     pending.clear()
 
 
-def training_data(args: argparse.Namespace, device: torch.device) -> tuple[data_loader.Batches, data_loader.FolderData]:
+def training_data(args: argparse.Namespace, device: torch.device, world: distributed.World = distributed.World()
+                  ) -> tuple[data_loader.Batches, data_loader.FolderData]:
     """The batches of the training images that --num-train and --classes select (runs.training_selection),
-    and the data set (whose notes are printed first); records the image shape in `args`. UserError when
-    the images are fewer than asked for or cannot fill one batch."""
+    this process's share of each under torchrun, and the data set (whose notes are printed first);
+    records the image shape in `args`. UserError when the images are fewer than asked for or cannot
+    fill one batch."""
     data = data_loader.load_data(data_loader.DataSpec.from_settings(vars(args)), progress=not args.no_progress)
     for note in data.notes:
         print(note, flush=True)
@@ -598,7 +644,7 @@ def training_data(args: argparse.Namespace, device: torch.device) -> tuple[data_
         print(f"group-balanced batches of {args.groups_per_batch} groups x {args.images_per_group} images; "
               + data_loader.describe_groups(split.labels, args.images_per_group), flush=True)
     batches = data_loader.Batches(split, args.batch_size, device, args.groups_per_batch, args.images_per_group,
-                                  args.group_size)
+                                  args.group_size, world.rank, world.size)
     if batches.steps_per_epoch == 0:
         fix = ("pass a smaller --groups-per-batch or --images-per-group" if args.images_per_group
                else "pass a smaller --batch-size")
@@ -609,10 +655,10 @@ def training_data(args: argparse.Namespace, device: torch.device) -> tuple[data_
 
 
 def restore_run(args: argparse.Namespace, encoder: Encoder, decoder: Decoder, optimizer: torch.optim.Optimizer,
-                generator: torch.Generator) -> dict:
+                generator: torch.Generator, repair: bool = True) -> dict:
     """Load the saved run into the networks, the optimizer and the generator; returns the saved state
     (its epoch, step, iteration, perm, totals and log say where the schedule stands). Rewrites the files
-    of a save cut short."""
+    of a save cut short when `repair` (in rank 0 only under torchrun)."""
     state = read_run_state(args.run_dir)
     if "encoder" not in state:  # saved before training_state.pt held the whole run
         state.update({name: torch.load(args.run_dir / f"{name}.pt", weights_only=True, map_location="cpu")
@@ -621,8 +667,22 @@ def restore_run(args: argparse.Namespace, encoder: Encoder, decoder: Decoder, op
     decoder.load_state_dict(state["decoder"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
-    write_run(args.run_dir, {**state, "args": saved_args(args)})
+    if repair:
+        write_run(args.run_dir, {**state, "args": saved_args(args)})
     return state
+
+
+class SilentWriter:
+    """The TensorBoard writer of the processes other than rank 0 under torchrun: it writes nothing."""
+
+    def __enter__(self) -> "SilentWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
 
 
 def open_writer(args: argparse.Namespace, iteration: int):
@@ -648,12 +708,14 @@ def log_epoch(writer, log_rows: list[dict], epoch: int, iteration: int, means: l
     writer.add_scalar("speed/images_per_s", rate, iteration)
 
 
-def train(args: argparse.Namespace) -> Path:
-    """Run (or resume) the training described by parsed `args`; returns the run folder."""
+def train(args: argparse.Namespace, world: distributed.World = distributed.World()) -> Path:
+    """Run (or resume) the training described by parsed `args` as the process `world` says (one, or one
+    of torchrun's, in the process group); returns the run folder."""
     device = args.device
     threads, why = pick_threads(args.threads)
     torch.set_num_threads(threads)
-    batches, data = training_data(args, device)  # prints the data's notes first
+    with distributed.leader_first(world):
+        batches, data = training_data(args, device, world)  # prints the data's notes first
     print(f"{args.run_name}: {device}, {threads} CPU thread{'s' * (threads > 1)} ({why})", flush=True)
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -664,9 +726,10 @@ def train(args: argparse.Namespace) -> Path:
     encoder, decoder = (net.to(device) for net in networks)
     optimizer = make_optimizer(encoder, decoder, args)
     steps_per_epoch = batches.steps_per_epoch
-    for tmp in args.run_dir.glob("*.tmp"):  # left by a process killed while saving
-        tmp.unlink()
-    position = restore_run(args, encoder, decoder, optimizer, generator) if args.resume else {}
+    if world.leader:
+        for tmp in args.run_dir.glob("*.tmp"):  # left by a process killed while saving
+            tmp.unlink()
+    position = restore_run(args, encoder, decoder, optimizer, generator, world.leader) if args.resume else {}
     epoch, step, iteration = (position.get(key, 0) for key in ("epoch", "step", "iteration"))
     perm = None if position.get("perm") is None else position["perm"].to(device)
     partial, log_rows = position.get("totals"), position.get("log", [])
@@ -675,24 +738,28 @@ def train(args: argparse.Namespace) -> Path:
               "--epochs to train it further")
         return args.run_dir
     step_fn = compile_step(optimizer, device) if args.compile else optimization_step
-    writer, replaced_events = open_writer(args, iteration)
-    sources = tensorboard_sources(data.test, device) if args.image_every else None
+    writer, replaced_events = open_writer(args, iteration) if world.leader else (SilentWriter(), [])
+    sources = tensorboard_sources(data.test, device) if args.image_every and world.leader else None
     window, window_start = torch.zeros(3, device=device), iteration  # loss sums of the --log-every window
     pending = []  # (iteration, window means) not yet read from the device
 
     def save(at_epoch: int, at_step: int, at_perm: torch.Tensor | None, at_totals: torch.Tensor | None) -> None:
         check_finite_save(encoder, decoder, at_totals, at_epoch, at_step)
-        save_run(args, encoder, decoder, optimizer, generator,
-                 {"epoch": at_epoch, "step": at_step, "iteration": iteration, "log": log_rows,
-                  "perm": None if at_perm is None else at_perm.cpu(),
-                  "totals": None if at_totals is None else at_totals.cpu()})
+        if world.leader:  # the processes hold the same weights, optimizer state and generator state
+            save_run(args, encoder, decoder, optimizer, generator,
+                     {"epoch": at_epoch, "step": at_step, "iteration": iteration, "log": log_rows,
+                      "perm": None if at_perm is None else at_perm.cpu(),
+                      "totals": None if at_totals is None else at_totals.cpu()})
         for path in replaced_events:
             path.unlink(missing_ok=True)
         replaced_events.clear()
+        distributed.wait_for_all()  # no process ends before the save is whole
 
     epochs_bar = tqdm(range(epoch, args.epochs), initial=epoch, total=args.epochs, desc=args.run_name,
                       unit="epoch", disable=args.no_progress, dynamic_ncols=True)
-    with StopRequest() as stop, writer:
+    # A lost process is reported while the stop handlers still hold: torchrun's SIGTERM, which follows
+    # a process's death at once, then cannot end this one before it has said why.
+    with StopRequest() as stop, ends_on_a_lost_process(args, world), writer:
         for epoch in epochs_bar:
             if perm is None:
                 perm = batches.epoch_order(generator)
@@ -705,7 +772,7 @@ def train(args: argparse.Namespace) -> Path:
             for step in steps_bar:
                 x, groups = batches.batch(perm, step)
                 terms = train_step(encoder, decoder, optimizer, x, groups, batches.num_groups, args, generator,
-                                   step_fn)
+                                   step_fn, world)
                 totals += terms
                 window += terms
                 iteration += 1
@@ -720,40 +787,70 @@ def train(args: argparse.Namespace) -> Path:
                     rate = (step + 1 - start_step) * args.batch_size / (time.perf_counter() - start)
                     steps_bar.set_postfix(rec=f"{values[0]:.4f}", style_kl=f"{values[1]:.4f}",
                                           class_kl=f"{values[2]:.5f}", img_s=f"{rate:.0f}")
-                if stop.requested and step + 1 < steps_per_epoch:
+                if step + 1 < steps_per_epoch and stop.agreed(world, device, (step + 1) % PROGRESS_EVERY == 0):
                     write_step_losses(writer, pending)
                     save(epoch, step + 1, perm, totals)
-                    stop.exit_saved(f"{args.run_dir} at epoch {epoch + 1}, step {step + 1}", resume_command(args))
+                    stop.exit_saved(f"{args.run_dir} at epoch {epoch + 1}, step {step + 1}", resume_command(args),
+                                    world.leader)
             steps_bar.close()
             rate = (steps_per_epoch - start_step) * args.batch_size / (time.perf_counter() - start)
             means = (totals / steps_per_epoch).tolist()
             if not all(map(math.isfinite, means)):
                 raise TrainingDiverged(f"the mean loss of epoch {epoch + 1} became {means}")
             log_epoch(writer, log_rows, epoch, iteration, means, rate)
-            if args.image_every and (epoch + 1) % args.image_every == 0:
+            if sources is not None and (epoch + 1) % args.image_every == 0:  # rank 0's, with --image-every
                 log_images(writer, encoder, decoder, sources, iteration)
             epochs_bar.set_postfix(rec=f"{means[0]:.4f}", img_s=f"{rate:.0f}")
             step, perm = 0, None
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or stop.requested:
+            stopping = stop.agreed(world, device, synced=True)
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or stopping:
                 save(epoch + 1, 0, None, None)
-            if stop.requested:
-                stop.exit_saved(f"{args.run_dir} after epoch {epoch + 1}", resume_command(args))
+            if stopping:
+                stop.exit_saved(f"{args.run_dir} after epoch {epoch + 1}", resume_command(args), world.leader)
     print(f"Saved to {args.run_dir}")
     return args.run_dir
 
 
+def last_save(run_dir: Path) -> str:
+    """What the run folder keeps, for a message after a failure."""
+    state = read_run_state(run_dir)
+    return (f"{run_dir} keeps its last save (epoch {state['epoch']}, step {state['step']})" if state
+            else "nothing was saved")
+
+
+@contextlib.contextmanager
+def ends_on_a_lost_process(args: argparse.Namespace, world: distributed.World) -> Iterator[None]:
+    """Under torchrun, end with one `error:` line when another process of the run has gone (its
+    collective raises here), saying what the run folder keeps and how to continue."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not distributed.lost_peer(error):
+            raise
+        cause = str(error).splitlines()[0]
+        fail(f"process {world.rank} of {world.size}: another process of the run ended ({cause}); "
+             f"{last_save(args.run_dir)}; continue with {resume_command(args)}", 1)
+
+
 @reports_errors
 def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
+    world = distributed.world_from_environment()
+    # Under torchrun every process parses the same flags: rank 0 alone reports a bad one, and alone
+    # prints and shows progress bars.
+    with contextlib.nullcontext() if world.leader else contextlib.redirect_stderr(io.StringIO()):
+        args = parse_args(argv)
+    args.no_progress = args.no_progress or not world.leader  # rank 0 alone writes args.json
     set_float32_precision(args.precision)
-    try:
-        return train(args)
-    except TrainingDiverged as error:
-        state = read_run_state(args.run_dir)
-        kept = (f"{args.run_dir} keeps its last save (epoch {state['epoch']}, step {state['step']})" if state
-                else "nothing was saved")
-        fp32 = " or --precision fp32" if args.precision != "fp32" else ""
-        fail(f"{error}; {kept}. Start a new run (another --run-name) with a lower --lr than {args.lr:g}{fp32}", 1)
+    with distributed.process_group(world, args.device), ends_on_a_lost_process(args, world), \
+            contextlib.nullcontext() if world.leader else contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return train(args, world)
+        except TrainingDiverged as error:
+            if not world.leader:
+                sys.exit(1)
+            fp32 = " or --precision fp32" if args.precision != "fp32" else ""
+            fail(f"{error}; {last_save(args.run_dir)}. Start a new run (another --run-name) with a lower --lr than "
+                 f"{args.lr:g}{fp32}", 1)
 
 
 if __name__ == "__main__":

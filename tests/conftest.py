@@ -129,8 +129,10 @@ PRELOADED = ["torch", "torchvision", "numpy", "matplotlib.pyplot", "sklearn.line
              "conftest"]
 
 
-def run_as_main(module: str, argv: list[str], cwd: str, stdout: str, stderr: str) -> None:
-    """The body of a script process: `python -m <module> <argv>` run in `cwd`, its output to two files."""
+def run_as_main(module: str, argv: list[str], cwd: str, stdout: str, stderr: str, env: dict[str, str]) -> None:
+    """The body of a script process: `python -m <module> <argv>` run in `cwd` with `env` added to its
+    environment, its output to two files."""
+    os.environ.update(env)
     os.chdir(cwd)
     for fd, path in ((1, stdout), (2, stderr)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
@@ -165,7 +167,7 @@ class ScriptProcess:
 
 @pytest.fixture(scope="session")
 def start_script(tmp_path_factory):
-    """start_script(module, *args, cwd=ROOT) runs `python -m <module> <args>` as its own process: forked
+    """start_script(module, *args, cwd=ROOT, env={}) runs `python -m <module> <args>` as its own process: forked
     from a server that imported torch and the project's modules once (multiprocessing's forkserver),
     it behaves as a fresh interpreter would (exit status, stderr, a traceback for an uncaught error),
     without the seconds of imports."""
@@ -187,11 +189,11 @@ def start_script(tmp_path_factory):
     logs = tmp_path_factory.mktemp("script_output")
     numbers = itertools.count()
 
-    def start(module: str, *args, cwd: Path = ROOT) -> ScriptProcess:
+    def start(module: str, *args, cwd: Path = ROOT, env: dict[str, str] | None = None) -> ScriptProcess:
         number = next(numbers)
         out, err = logs / f"{number}.out", logs / f"{number}.err"
         process = context.Process(target=run_as_main, args=(module, [str(a) for a in args], str(cwd), str(out),
-                                                            str(err)))
+                                                            str(err), env or {}))
         process.start()
         return ScriptProcess(process, out, err)
 

@@ -106,3 +106,23 @@ def test_validation_split_holds_out_the_last_ten_thousand_train_images():
 def test_unknown_evaluation_split_is_refused():
     with pytest.raises(ValueError, match="validation"):
         data_loader.evaluation_splits(data_loader.DataSpec("mnist", str(DATA)), "dev")
+
+
+def test_the_processes_shares_of_a_batch_are_its_whole_groups_in_order():
+    labels = torch.arange(12).repeat_interleave(9)  # 12 groups of 9 images
+    split = data_loader.ImageSplit(torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1), labels,
+                                   [str(g) for g in range(12)])
+    whole = data_loader.Batches(split, 4 * 3, "cpu", 4, 3)
+    shares = [data_loader.Batches(split, 4 * 3, "cpu", 4, 3, rank=rank, ranks=2) for rank in range(2)]
+    order = whole.epoch_order(torch.Generator().manual_seed(0))
+    for step in range(whole.steps_per_epoch):
+        x, groups = whole.batch(order, step)
+        parts = [share.batch(order, step) for share in shares]
+        assert torch.equal(torch.cat([part[0] for part in parts]), x)
+        # Each share's group ids are its own [0, G / 2), the whole batch's ids of its groups shifted.
+        assert torch.equal(torch.cat([part[1] + rank * 2 for rank, part in enumerate(parts)]), groups)
+        assert all(share.num_groups == 2 for share in shares)
+    with pytest.raises(ValueError, match="cannot share 3 groups"):
+        data_loader.Batches(split, 9, "cpu", 3, 3, ranks=2)
+    with pytest.raises(ValueError, match="random batches are one process's"):
+        data_loader.Batches(split, 12, "cpu", rank=1, ranks=2)

@@ -262,3 +262,22 @@ def test_train_step_draws_standard_normal_noise_from_the_generator():
     for noise in (style, class_):
         n = noise.numel()
         assert abs(noise.mean().item()) < 6 / math.sqrt(n) and abs(noise.std().item() - 1) < 6 / math.sqrt(2 * n)
+
+
+def test_each_process_takes_its_rows_of_the_noise_one_process_draws():
+    args = step_args("--style-dim", "3", "--class-dim", "2")
+    drawn = {}
+
+    def recording_step(encoder, decoder, optimizer, x, groups, noise, args):
+        drawn[len(drawn)] = noise
+
+    generators = []
+    for world in (training.distributed.World(), *(training.distributed.World(rank, 2) for rank in range(2))):
+        generators.append(torch.Generator().manual_seed(0))
+        size = 8 // world.size
+        training.train_step(None, None, None, torch.zeros(size, 784), torch.zeros(size, dtype=torch.long),
+                            4 // world.size, args, generators[-1], recording_step, world)
+    (style, class_), *shares = drawn.values()
+    assert torch.equal(torch.cat([share[0] for share in shares]), style)
+    assert torch.equal(torch.cat([share[1] for share in shares]), class_)
+    assert all(torch.equal(g.get_state(), generators[0].get_state()) for g in generators)  # one stream in each
