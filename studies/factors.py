@@ -2,7 +2,7 @@
 probes for every style factor and the digit, identity retrieval among the unseen test identities, the
 same with K renderings fused by evidence accumulation, and a DCI-style importance matrix.
 
-    python -m studies.factors --checkpoint-dir checkpoints/identities_mlvae --json results/factors_identities_mlvae.json
+    python -m studies.factors --checkpoint-dir checkpoints/identities_mlvae --json out/factors_identities_mlvae.json
 
 Every probe is fitted on the train identities' codes and scored on the test identities' codes (identities
 never seen in training). Codes are the posterior means or one sample of each posterior (the image's own
