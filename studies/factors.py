@@ -128,7 +128,8 @@ def sample(mu: torch.Tensor, logvar: torch.Tensor, std: float, generator: torch.
         * torch.exp(0.5 * logvar)
 
 
-def fused_posteriors(mu: torch.Tensor, logvar: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_posteriors(mu: torch.Tensor, logvar: torch.Tensor, members: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, log-variance) [Q, D] of the product of the posteriors in each row of `members` [Q, K]."""
     queries, k = members.shape
     groups = torch.arange(queries, device=mu.device).repeat_interleave(k)
