@@ -191,11 +191,17 @@ def reconstruction_loss(x: torch.Tensor, logits: torch.Tensor, pixel_logvar: tor
     raise ValueError(f"unknown likelihood {likelihood!r}")
 
 
-def fused_means(mu: torch.Tensor, logvar: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    """Posterior mean [N, D] of the product of Gaussians over each row of `members` [N, K] (row indices
-    into mu and logvar), i.e. evidence accumulated over K images per query."""
+def fused_posteriors(mu: torch.Tensor, logvar: torch.Tensor, members: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, log-variance) [N, D] of the product of Gaussians over each row of `members` [N, K] (row
+    indices into mu and logvar), i.e. evidence accumulated over K images per query."""
     n, k = members.shape
     groups = torch.arange(n, device=mu.device).repeat_interleave(k)
     flat = members.reshape(-1)
-    group_mu, _ = accumulate_group_evidence(mu[flat], logvar[flat], groups)
-    return group_mu.view(n, k, -1)[:, 0]
+    group_mu, group_logvar = accumulate_group_evidence(mu[flat], logvar[flat], groups)
+    return group_mu.view(n, k, -1)[:, 0], group_logvar.view(n, k, -1)[:, 0]
+
+
+def fused_means(mu: torch.Tensor, logvar: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """Posterior mean [N, D] of the product of Gaussians over each row of `members` [N, K]."""
+    return fused_posteriors(mu, logvar, members)[0]

@@ -39,7 +39,7 @@ from networks import ProbeBank
 from runs import (POSITIVE_INT, UserError, add_model_arguments, check_finite, check_writable, device_and_models,
                   reports_errors, script_parser, write_text_atomic)
 from studies.identities import FACTORS, is_identities_folder, read_factors
-from utils import accumulate_group_evidence
+from utils import fused_posteriors
 
 CIRCULAR = ("stroke_hue_deg", "background_hue_deg")  # angles: probed as cos and sin
 CODES = ("style", "class")
@@ -126,16 +126,6 @@ def factor_scores(regress: ProbeBank | None, classify: ProbeBank | None, z: torc
 def sample(mu: torch.Tensor, logvar: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     return mu + std * torch.randn(mu.shape, generator=generator, device=generator.device).to(mu.device) \
         * torch.exp(0.5 * logvar)
-
-
-def fused_posteriors(mu: torch.Tensor, logvar: torch.Tensor, members: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, log-variance) [Q, D] of the product of the posteriors in each row of `members` [Q, K]."""
-    queries, k = members.shape
-    groups = torch.arange(queries, device=mu.device).repeat_interleave(k)
-    flat = members.reshape(-1)
-    group_mu, group_logvar = accumulate_group_evidence(mu[flat], logvar[flat], groups)
-    return group_mu.view(queries, k, -1)[:, 0], group_logvar.view(queries, k, -1)[:, 0]
 
 
 def disjoint_sets(labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal
 
 from conftest import naive_product_of_gaussians, prior_kl
-from utils import (accumulate_group_evidence, class_kl_divergence, fused_means, group_index,
+from utils import (accumulate_group_evidence, class_kl_divergence, fused_means, fused_posteriors, group_index,
                    group_wise_reparameterize, kl_divergence, latent_layer, num_training_groups,
                    reconstruction_loss, reparameterize, training_groups)
 
@@ -282,3 +282,11 @@ def test_detached_class_posterior_passes_no_gradient_to_the_class_heads(detach):
     assert all(p.grad.abs().sum() > 0 for p in posteriors[:2])  # the style posterior always learns
     for p in posteriors[2:]:
         assert (p.grad is None) if detach else p.grad.abs().sum() > 0
+
+
+def test_fused_posteriors_are_the_product_of_gaussians():
+    mu = torch.tensor([[0.0], [2.0], [5.0]])
+    logvar = torch.log(torch.tensor([[1.0], [1.0], [4.0]]))
+    mean, fused_logvar = fused_posteriors(mu, logvar, torch.tensor([[0, 1], [0, 2]]))
+    assert mean[:, 0].tolist() == pytest.approx([1.0, (0.0 + 5.0 / 4) / 1.25])
+    assert torch.exp(fused_logvar)[:, 0].tolist() == pytest.approx([0.5, 1 / 1.25])
