@@ -14,7 +14,10 @@
 #   3. few-shot on held-out digits, the reference's 100,000-step classifier cross-check;
 #   4. the validation sweeps, MLP and conv (reuse finished runs under sweeps/, else train 15 short
 #      runs), and the speed benchmark (2 threads; run it on an otherwise idle machine);
-#   5. the eager step of the code before the hand-written autograd Functions were removed, against this one.
+#   5. the eager step of the code before the hand-written autograd Functions were removed, against this one;
+#   6. the runs on the identities data set (checkpoints/identities_*, trained on data/identities/ from
+#      `python -m studies.identities`): what each code holds -> results/factors_<run>.json, then
+#      studies.aggregate -> results/factors.md; their colour swap grids -> images/.
 # Each step prints its wall time.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -48,6 +51,7 @@ wait_all() {
 for dir in checkpoints/*/; do
   run=$(basename "$dir")
   [ -f "$dir/encoder.pt" ] || continue
+  case $run in identities_*) continue;; esac  # step 6
   background python -m studies.evaluate --no-progress --checkpoint-dir "checkpoints/$run" --json "results/eval_$run.json"
 done
 if $have_ref; then
@@ -116,3 +120,18 @@ git worktree add --detach "$before" 2aeec6e >/dev/null
 python studies/compare_eager.py "$before" . --runs 6 --json results/eager_before_after.json
 git worktree remove --force "$before"
 step_done 5
+
+# 6. The identities runs: what each code holds, and colour swap grids of ten unseen test identities.
+if compgen -G "checkpoints/identities_*/encoder.pt" >/dev/null; then
+  [ -f data/identities/factors.csv ] || python -m studies.identities --no-progress
+  for dir in checkpoints/identities_*/; do
+    run=$(basename "$dir")
+    background python -m studies.factors --no-progress --checkpoint-dir "checkpoints/$run" \
+      --json "results/factors_$run.json"
+    python inference.py --checkpoint-dir "checkpoints/$run" --reference random --seed 0 \
+      --out "images/swap_${run}.png"
+  done
+  wait_all
+  python -m studies.aggregate
+fi
+step_done 6
