@@ -39,7 +39,7 @@ from networks import ProbeBank
 from runs import (POSITIVE_INT, UserError, add_model_arguments, check_finite, check_writable, device_and_models,
                   reports_errors, script_parser, write_text_atomic)
 from studies.identities import FACTORS, is_identities_folder, read_factors
-from utils import fused_posteriors
+from utils import fused_posteriors, reparameterize
 
 CIRCULAR = ("stroke_hue_deg", "background_hue_deg")  # angles: probed as cos and sin
 CODES = ("style", "class")
@@ -124,8 +124,9 @@ def factor_scores(regress: ProbeBank | None, classify: ProbeBank | None, z: torc
 
 
 def sample(mu: torch.Tensor, logvar: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
-    return mu + std * torch.randn(mu.shape, generator=generator, device=generator.device).to(mu.device) \
-        * torch.exp(0.5 * logvar)
+    """One draw of each posterior with noise of std `std` (the generator may live on another device)."""
+    eps = torch.randn(mu.shape, generator=generator, device=generator.device).to(mu.device)
+    return reparameterize(mu, logvar, eps=std * eps)
 
 
 def disjoint_sets(labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -238,7 +239,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.M
                 test_codes[code], singles, test_codes[code], test_labels)
         for k in args.fusion:
             results["fusion"].setdefault(protocol, {})[str(k)] = fusion_scores(
-                posteriors, splits, test_codes["class"], k, protocol, settings.eps_std, fit)
+                posteriors, splits, digits, test_codes["class"], k, protocol, settings.eps_std, fit)
     joint_train, joint_test = standardise(*(torch.cat([posteriors[split][0], posteriors[split][2]], 1)
                                             for split in ("train", "test")))
     probes = fit_probes(joint_train, targets["train"], digits["train"], desc="joint means", **fit)
@@ -247,17 +248,16 @@ def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.M
     return results
 
 
-def fusion_scores(posteriors: dict, splits: dict, gallery: torch.Tensor, k: int, protocol: str, eps_std: float,
-                  fit: dict) -> dict:
+def fusion_scores(posteriors: dict, splits: dict, digits: dict, gallery: torch.Tensor, k: int, protocol: str,
+                  eps_std: float, fit: dict) -> dict:
     """Digit accuracy of a probe fitted and scored on class codes fused over k renderings, and identity
     retrieval from fused queries (disjoint sets of k renderings of each test identity)."""
     generator = fit["generator"]
     fused = {}
-    for split, (_, labels, factors) in splits.items():
+    for split, (_, labels, _) in splits.items():
         members = draw_evidence_sets(labels.cpu(), k, generator).to(labels.device)
         mu, logvar = fused_posteriors(posteriors[split][2], posteriors[split][3], members)
         fused[split] = mu if protocol == "means" else sample(mu, logvar, eps_std, generator)
-    digits = {split: torch.tensor(factors["digit"], device=gallery.device) for split, (_, _, factors) in splits.items()}
     z_train, z_test = standardise(fused["train"], fused["test"])
     _, classify = fit_probes(z_train, None, digits["train"], desc=f"class {protocol}, fused over {k}", **fit)
     scores = {"digit": factor_scores(None, classify, z_test, None, [], digits["test"])["digit"]}
