@@ -328,6 +328,15 @@ class ModelSettings:
         path = self.encoder_path
         return path.parent.name if path.name == "encoder.pt" else path.name.removesuffix(".pt")
 
+    def weights(self) -> dict[str, str]:
+        """The weight files and their SHA-256, so that a result can be matched to the weights it measured."""
+        return {"encoder": str(self.encoder_path), "decoder": str(self.decoder_path),
+                "encoder_sha256": file_sha256(self.encoder_path), "decoder_sha256": file_sha256(self.decoder_path)}
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are the one line `error: ...` (no usage block), like every other error."""

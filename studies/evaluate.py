@@ -26,7 +26,6 @@ about 6 points short). `python -m studies.aggregate` turns the files into the he
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
@@ -188,10 +187,8 @@ def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.M
     log = read_log(settings.encoder_path.parent / "log.csv") if training_args else []
     return {
         "run": args.name or settings.name,
-        "model": {"encoder": str(settings.encoder_path), "decoder": str(settings.decoder_path),
-                  "encoder_sha256": sha256(settings.encoder_path), "decoder_sha256": sha256(settings.decoder_path),
-                  "style_dim": settings.style_dim, "class_dim": settings.class_dim, "eps_std": settings.eps_std,
-                  "likelihood": settings.likelihood, "dataset": settings.dataset,
+        "model": {**settings.weights(), "style_dim": settings.style_dim, "class_dim": settings.class_dim,
+                  "eps_std": settings.eps_std, "likelihood": settings.likelihood, "dataset": settings.dataset,
                   **({"data": vars(settings.data), "image_shape": settings.image_shape}
                      if settings.dataset == data_loader.FOLDER else {})},
         "training_args": training_args,
@@ -206,11 +203,6 @@ def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.M
         "test_loss": losses,
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
-
-
-def sha256(path: Path) -> str:
-    """The file's SHA-256, so a result can be matched to the weights it measured."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def summary(results: dict) -> str:

@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"run": settings.name, "command": "python -m studies.factors " + " ".join(sys.argv[1:] if argv is None
                                                                                          else argv),
                "seed": args.seed, "iterations": args.iterations, "batch_size": args.batch_size,
-               "eps_std": settings.eps_std, **evaluate(args, device, encoder, settings)}
+               "eps_std": settings.eps_std, "model": settings.weights(), **evaluate(args, device, encoder, settings)}
     check_finite(results, "the scores")
     print(summary(results))
     if args.json:

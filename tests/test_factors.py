@@ -1,5 +1,6 @@
 """studies/factors.py: the probes' scores, identity retrieval, the fused sets, the importance matrix and DCI,
 and the whole study on a tiny identities data set and model."""
+import hashlib
 import json
 import math
 
@@ -132,6 +133,8 @@ def test_the_study_writes_every_score_of_every_code_and_protocol(identities_run,
     results = factors.main(["--checkpoint-dir", str(run), "--cache-dir", str(root / "cache"), "--iterations", "20",
                             "--fusion", "2", "--no-progress", "--json", str(out)])
     assert json.loads(out.read_text()) == results
+    for name in ("encoder", "decoder"):  # so that a shipped result can be matched to the weights it measured
+        assert results["model"][f"{name}_sha256"] == hashlib.sha256((run / f"{name}.pt").read_bytes()).hexdigest()
     for code in factors.CODES:
         for protocol in factors.PROTOCOLS:
             assert set(results["probes"][code][protocol]) == {*FACTORS, "digit"}
