@@ -31,10 +31,12 @@ START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 ANCHORS_START, ANCHORS_END = "<!-- anchors:start -->", "<!-- anchors:end -->"
 # Headline configurations, in table order; other evaluated runs appear in results/evaluations.md only.
 HEADLINE = ("mlvae_eps0.1", "mlvae_eps1", "reference_objective_eps0.1", "mlvae_eps0.1_stylekl4",
-            "mlvae_conv16_eps0.1", "mlvae_conv16_eps0.1_stylekl4", "reference_eps0.1", "reference_eps1")
+            "mlvae_conv16_eps0.1", "mlvae_conv16_eps0.1_stylekl2", "mlvae_conv16_eps0.1_stylekl4", "reference_eps0.1",
+            "reference_eps1")
 # Runs set beside the published anchors, and the networks each one uses.
 ANCHOR_RUNS = (("mlvae_eps0.1", "MLP"), ("mlvae_eps0.1_stylekl4", "MLP"), ("mlvae_conv16_eps0.1", "conv"),
-               ("mlvae_conv16_eps0.1_stylekl4", "conv"), ("reference_eps0.1", "MLP (reference weights)"))
+               ("mlvae_conv16_eps0.1_stylekl2", "conv"), ("mlvae_conv16_eps0.1_stylekl4", "conv"),
+               ("reference_eps0.1", "MLP (reference weights)"))
 # (model, networks, dims, protocol, style, class): Jha et al. (ECCV 2018), MNIST test split. Its class
 # code is a deterministic linear output (its networks.py), so its class number is on the code itself;
 # the table does not say whether its style classifier saw sampled latents or posterior means.
