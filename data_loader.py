@@ -98,7 +98,7 @@ def _check_sha256(dataset: str, path: Path) -> None:
     if not sums.is_file():
         return
     expected = dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())
-    if path.name in expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected[path.name]:
+    if path.name in expected and file_sha256(path) != expected[path.name]:
         raise _fail(dataset, path, "its SHA256 differs from the one listed in SHA256SUMS (corrupt file)")
 
 
@@ -531,8 +531,9 @@ def _random_split_note(seed: int, fraction: float) -> str:
             f"a group of fewer than {smallest} images wholly to train")
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256 (hex): data files checked, list files keyed, results matched to their weights."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _find_list_file(path: str | Path, data_dir: Path, what: str) -> Path:
@@ -668,10 +669,10 @@ def _list_images(data_dir: Path, data_list: str | Path | None, split_list: str |
     digests = {}
     if split_list is not None:
         split_list = _find_list_file(split_list, data_dir, "split list")
-        digests["split_list"] = _digest(split_list)
+        digests["split_list"] = file_sha256(split_list)
     if data_list is not None:
         data_list = _find_list_file(data_list, data_dir, "data list")
-        digests["data_list"] = _digest(data_list)
+        digests["data_list"] = file_sha256(data_list)
         rows, how = _listing_from_list(data_dir, data_list, split_list, seed, fraction)
         skipped = []
     else:

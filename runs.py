@@ -21,7 +21,7 @@ from typing import Callable, NoReturn
 import torch
 
 from data_loader import (DATASET_CHOICES, EVALUATION_SPLITS, FOLDER, REPOSITORY, VALIDATION_START, DataSpec,
-                         DatasetFileError)
+                         DatasetFileError, file_sha256)
 from networks import ARCHS, LIKELIHOODS, Decoder, Encoder, build_networks
 
 
@@ -332,10 +332,6 @@ class ModelSettings:
         """The weight files and their SHA-256, so that a result can be matched to the weights it measured."""
         return {"encoder": str(self.encoder_path), "decoder": str(self.decoder_path),
                 "encoder_sha256": file_sha256(self.encoder_path), "decoder_sha256": file_sha256(self.decoder_path)}
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Parser(argparse.ArgumentParser):
@@ -658,6 +654,6 @@ def stale_files(run_dir: Path, state: dict) -> list[str]:
     stale = []
     for name, digest in state.get("files", {}).items():
         path = Path(run_dir) / name
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        if not path.is_file() or file_sha256(path) != digest:
             stale.append(name)
     return stale
