@@ -124,6 +124,7 @@ step_done 5
 # 6. The identities runs: what each code holds, and colour swap grids of ten unseen test identities.
 if compgen -G "checkpoints/identities_*/encoder.pt" >/dev/null; then
   [ -f data/identities/factors.csv ] || python -m studies.identities --no-progress
+  background python -m studies.factor_ceiling --no-progress --json results/factor_ceiling.json
   for dir in checkpoints/identities_*/; do
     run=$(basename "$dir")
     background python -m studies.factors --no-progress --checkpoint-dir "checkpoints/$run" \

@@ -157,21 +157,32 @@ def check_conv_shape(shape: ImageShape) -> None:
         dcgan_widths(height)
 
 
+def conv_stack(shape: ImageShape) -> tuple[nn.Sequential, int]:
+    """The convolutional encoder's layers for images of `shape`, ending flattened, and their output width:
+    the cycle-consistent VAE's (28 -> 13 -> 6 -> 2 pixels) for 28-pixel images, else a DCGAN-style stack
+    down to 4x4. ValueError for a shape it has no stack for."""
+    check_conv_shape(shape)
+    channels, size, _ = shape
+    widths = [16, 32, 64] if size == 28 else dcgan_widths(size)
+    kernel, top = (5, 2) if size == 28 else (4, DCGAN_TOP)
+    layers = (layer for c_in, c_out in zip([channels, *widths], widths) for layer in conv_block(c_in, c_out, kernel))
+    return nn.Sequential(*layers, nn.Flatten()), widths[-1] * top * top
+
+
+def conv_init_std(shape: ImageShape) -> float:
+    """init_cycle_vae_'s std: the cycle-consistent VAE's for its 28-pixel stacks, DCGAN's for the others."""
+    return 0.05 if shape[1] == 28 else 0.02
+
+
 class ConvEncoder(nn.Module):
-    """Encoder's interface on convolutions: the cycle-consistent VAE's (28 -> 13 -> 6 -> 2 pixels) for
-    28-pixel images, else a DCGAN-style stack down to 4x4."""
+    """Encoder's interface on convolutions (conv_stack)."""
 
     def __init__(self, style_dim: int, class_dim: int, shape: ImageShape = MNIST_SHAPE) -> None:
         super().__init__()
-        check_conv_shape(shape)
-        self.shape = channels, size, _ = shape
-        widths = [16, 32, 64] if size == 28 else dcgan_widths(size)
-        kernel, top = (5, 2) if size == 28 else (4, DCGAN_TOP)
-        self.conv_model = nn.Sequential(
-            *(layer for c_in, c_out in zip([channels, *widths], widths) for layer in conv_block(c_in, c_out, kernel)),
-            nn.Flatten())
-        add_gaussian_heads(self, widths[-1] * top * top, style_dim, class_dim)
-        init_cycle_vae_(self, 0.05 if size == 28 else 0.02)
+        self.shape = shape
+        self.conv_model, features = conv_stack(shape)
+        add_gaussian_heads(self, features, style_dim, class_dim)
+        init_cycle_vae_(self, conv_init_std(shape))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (style_mu, style_logvar, class_mu, class_logvar), each [B, dim]."""
@@ -205,7 +216,7 @@ class ConvDecoder(nn.Module):
         self.deconv_model = nn.Sequential(
             *(layer for c_in, c_out in zip(widths, widths[1:]) for layer in deconv_block(c_in, c_out, padding)),
             nn.ConvTranspose2d(widths[-1], channels, 4, stride=2, padding=1))
-        init_cycle_vae_(self, 0.05 if size == 28 else 0.02)
+        init_cycle_vae_(self, conv_init_std(shape))
 
     def logits(self, style: torch.Tensor, class_: torch.Tensor) -> tuple[torch.Tensor, None]:
         """Pre-sigmoid pixel means [B, C*H*W], and None (no pixel log-variance)."""
@@ -260,6 +271,21 @@ class PixelClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images.reshape(-1, *self.shape)))
+
+
+class FactorRegressor(nn.Module):
+    """ConvEncoder's stack with one linear head of `outputs` values. Trained on an image's labelled factors,
+    it measures what that encoder can read of them from one image (studies.factor_ceiling)."""
+
+    def __init__(self, outputs: int, shape: ImageShape) -> None:
+        super().__init__()
+        self.shape = shape
+        self.conv_model, features = conv_stack(shape)
+        self.head = nn.Linear(features, outputs)
+        init_cycle_vae_(self, conv_init_std(shape))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv_model(images.reshape(images.shape[0], *self.shape)))
 
 
 class ProbeBank(nn.Module):

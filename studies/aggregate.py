@@ -7,7 +7,8 @@ results/anchors.md and between docs/reference.md's markers `<!-- anchors:start -
 `<!-- anchors:end -->`; a table of every evaluated run (each seed a row) to results/evaluations.md; and
 the figure of class accuracy against K fused images (seed means) to images/group_size.png. The
 per-run files results/factors_*.json (studies.factors, runs on the identities data) become the tables of
-results/factors.md: what each code holds, factor by factor.
+results/factors.md: what each code holds, factor by factor, after what one rendering shows a supervised
+encoder (results/factor_ceiling.json, studies.factor_ceiling) where that file exists.
 
     python -m studies.aggregate            # after `python -m studies.evaluate ... --json results/eval_<run>.json`
     python -m studies.aggregate --check    # exit 1 when a table or block differs from what the files give
@@ -181,15 +182,23 @@ def evaluations_table(evaluations: list[dict]) -> str:
             + markdown(["run", "seed", *(title for title, _ in columns), *(title for title, _ in LOSS)], rows) + "\n")
 
 
-def factors_tables(results: list[dict]) -> str:
+def factors_tables(results: list[dict], ceiling: dict | None = None) -> str:
     """results/factors.md: per configuration (mean ± std over seeds) and latents, each code's R^2 per style
-    factor, digit accuracy and identity retrieval; the class code fused over K; the importance shares."""
+    factor, digit accuracy and identity retrieval; the class code fused over K; the importance shares. With
+    `ceiling` (studies.factor_ceiling's results), first what a supervised encoder reads from one rendering."""
     groups: dict[str, list[dict]] = {}
     for result in results:
         groups.setdefault(configuration(result["run"]), []).append(result)
     probe_header = ["configuration", "seeds", "latents", *(f"{name} R²" for name in FACTOR_NAMES.values()), "digit %",
                     "identity top-1 %", "identity top-5 %"]
     sections = []
+    if ceiling is not None:
+        scores = ceiling["scores"]
+        sections.append("**What one rendering shows**: the conv encoder's stack trained with the factors as labels "
+                        f"(`{ceiling['command']}`), on the unseen test identities\n\n"
+                        + markdown([*(f"{name} R²" for name in FACTOR_NAMES.values()), "digit %"],
+                                   [[*(f"{scores[factor]:.3f}" for factor in FACTOR_NAMES),
+                                     f"{100 * scores['digit']:.1f}"]]))
     for code in ("style", "class"):
         rows = []
         for name, runs in groups.items():
@@ -305,7 +314,9 @@ def main(argv: list[str] | None = None) -> str:
     written = ((args.readme, readme), (out, block), (args.anchors_doc, anchors_doc), (anchors_file, anchors))
     factor_results = [json.loads(path.read_text()) for path in sorted(args.results_dir.glob("factors_*.json"))]
     if factor_results:
-        written += ((args.results_dir / "factors.md", factors_tables(factor_results)),)
+        ceiling_file = args.results_dir / "factor_ceiling.json"
+        ceiling = json.loads(ceiling_file.read_text()) if ceiling_file.is_file() else None
+        written += ((args.results_dir / "factors.md", factors_tables(factor_results, ceiling)),)
     if args.check:
         stale = [str(path) for path, text in written if not path.is_file() or path.read_text() != text]
         if stale:

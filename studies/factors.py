@@ -109,17 +109,24 @@ def fit_probes(z: torch.Tensor, targets: torch.Tensor | None, digits: torch.Tens
 def factor_scores(regress: ProbeBank | None, classify: ProbeBank | None, z: torch.Tensor, targets: torch.Tensor,
                   owners: list[str], digits: torch.Tensor) -> dict[str, float]:
     """Test scores: R^2 of each factor (angles pooled over cos and sin) and digit accuracy (a fraction)."""
+    predicted = None if regress is None else torch.cat([regress(chunk).squeeze(2).T for chunk in z.split(8192)])
+    guessed = None if classify is None else torch.cat([classify(chunk)[0].argmax(1) for chunk in z.split(8192)])
+    return prediction_scores(predicted, targets, owners, guessed, digits)
+
+
+def prediction_scores(predicted: torch.Tensor | None, targets: torch.Tensor, owners: list[str],
+                      guessed: torch.Tensor | None, digits: torch.Tensor) -> dict[str, float]:
+    """R^2 of each factor from `predicted` [N, T] against `targets` (a factor's columns, as `owners` names
+    them, pooled) and the accuracy of the digits `guessed` [N]; either may be None."""
     scores = {}
-    if regress is not None:
-        predicted = torch.cat([regress(chunk).squeeze(2).T for chunk in z.split(8192)])
+    if predicted is not None:
         sse = (predicted - targets).pow(2).sum(0)
         sst = (targets - targets.mean(0)).pow(2).sum(0)
         for name in dict.fromkeys(owners):
             columns = [i for i, owner in enumerate(owners) if owner == name]
             scores[name] = 1.0 - (sse[columns].sum() / sst[columns].sum()).item()
-    if classify is not None:
-        predicted = torch.cat([classify(chunk)[0].argmax(1) for chunk in z.split(8192)])
-        scores["digit"] = (predicted == digits).float().mean().item()
+    if guessed is not None:
+        scores["digit"] = (guessed == digits).float().mean().item()
     return scores
 
 
