@@ -233,6 +233,14 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def device_flag(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """pick_device(args.device); a device that cannot be used is an argparse-style error naming --device."""
+    try:
+        return pick_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
+
+
 PRECISIONS = ("fp32", "tf32", "bf16")  # training.py --precision
 
 
@@ -554,10 +562,7 @@ def device_and_models(parser: argparse.ArgumentParser,
                       args: argparse.Namespace) -> tuple[torch.device, Encoder, Decoder, ModelSettings]:
     """The device and the trained model that the flags of `add_model_arguments` name; every problem
     (bad device, missing or mismatched weights) ends in an argparse-style error."""
-    try:
-        device = pick_device(args.device)
-    except ValueError as error:
-        parser.error(f"--device: {error}")
+    device = device_flag(parser, args)
     try:
         encoder, decoder, settings = load_models(args, device)
     except ModelLoadError as error:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data_loader
 from networks import FactorRegressor
-from runs import (POSITIVE, POSITIVE_INT, UserError, add_data_arguments, check_finite, check_writable, pick_device,
+from runs import (POSITIVE, POSITIVE_INT, UserError, add_data_arguments, check_finite, check_writable, device_flag,
                   pick_threads, repository_path, reports_errors, script_parser, write_text_atomic)
 from studies.factors import prediction_scores, regression_targets, split_with_factors, standardise
 from studies.identities import FACTORS, is_identities_folder
@@ -82,10 +82,7 @@ def regressor_scores(model: FactorRegressor, images: torch.Tensor, targets: torc
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        device = pick_device(args.device)
-    except ValueError as error:
-        parser.error(f"--device: {error}")
+    device = device_flag(parser, args)
     if args.json:
         check_writable(args.json, "--json")
     spec = data_loader.DataSpec.from_settings(vars(args))

@@ -22,7 +22,7 @@ import data_loader
 from evaluation import default_judge_path, predict
 from networks import PixelClassifier
 from runs import (POSITIVE, POSITIVE_INT, UserError, add_data_arguments, atomic_save, check_finite, check_writable,
-                  pick_device, reports_errors, script_parser)
+                  device_flag, reports_errors, script_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> float:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        device = pick_device(args.device)
-    except ValueError as error:
-        parser.error(f"--device: {error}")
+    device = device_flag(parser, args)
     spec = data_loader.DataSpec.from_settings(vars(args))
     out = check_writable(args.out or default_judge_path(spec), "--out")
     if out.exists() and not args.overwrite:
