@@ -193,12 +193,12 @@ def factors_tables(results: list[dict], ceiling: dict | None = None) -> str:
                     "identity top-1 %", "identity top-5 %"]
     sections = []
     if ceiling is not None:
-        scores = ceiling["scores"]
+        rows = [[renderings, *(f"{scores[factor]:.3f}" for factor in FACTOR_NAMES), f"{100 * scores['digit']:.1f}"]
+                for renderings, scores in (("test (unseen identities)", ceiling["scores"]),
+                                           ("train (fitted)", ceiling["train_scores"]))]
         sections.append("**What one rendering shows**: the conv encoder's stack trained with the factors as labels "
-                        f"(`{ceiling['command']}`), on the unseen test identities\n\n"
-                        + markdown([*(f"{name} R²" for name in FACTOR_NAMES.values()), "digit %"],
-                                   [[*(f"{scores[factor]:.3f}" for factor in FACTOR_NAMES),
-                                     f"{100 * scores['digit']:.1f}"]]))
+                        f"(`{ceiling['command']}`)\n\n"
+                        + markdown(["renderings", *(f"{name} R²" for name in FACTOR_NAMES.values()), "digit %"], rows))
     for code in ("style", "class"):
         rows = []
         for name, runs in groups.items():

@@ -256,13 +256,15 @@ def test_factors_tables_open_with_the_ceiling_when_its_file_exists(tmp_path, res
     results, _, flags = results_and_readme
     (results / "factors_identities_mlvae.json").write_text(json.dumps(fake_factors("identities_mlvae", 0.1)))
     scores = {name: 0.5 + i / 100 for i, name in enumerate([*aggregate.FACTOR_NAMES, "digit"])}
-    ceiling = {"command": "python -m studies.factor_ceiling --json x.json", "scores": scores}
+    ceiling = {"command": "python -m studies.factor_ceiling --json x.json", "scores": scores,
+               "train_scores": {name: 0.9 for name in scores}}
     (results / "factor_ceiling.json").write_text(json.dumps(ceiling))
     aggregate.main(flags)
     table = (results / "factors.md").read_text()
     assert table.split("**")[1] == "What one rendering shows"
     assert "`python -m studies.factor_ceiling --json x.json`" in table
-    assert "| 0.500 | 0.510 | 0.520 | 0.530 | 0.540 | 0.550 | 56.0 |" in table
+    assert "| test (unseen identities) | 0.500 | 0.510 | 0.520 | 0.530 | 0.540 | 0.550 | 56.0 |" in table
+    assert "| train (fitted) | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 | 90.0 |" in table
     aggregate.main(flags + ["--check"])
     (results / "factor_ceiling.json").write_text(json.dumps({**ceiling, "scores": {**scores, "scale": 0.9}}))
     with pytest.raises(SystemExit, match="factors.md"):
