@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     add_data_arguments(parser)
     parser.set_defaults(dataset=data_loader.FOLDER, data_dir=repository_path("data/identities"))
-    parser.add_argument("--epochs", type=POSITIVE_INT, default=10, help="passes over the train renderings")
+    parser.add_argument("--epochs", type=POSITIVE_INT, default=20, help="passes over the train renderings")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=256, help="renderings per step")
     parser.add_argument("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
