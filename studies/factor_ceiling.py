@@ -27,7 +27,7 @@ import data_loader
 from networks import FactorRegressor
 from runs import (POSITIVE, POSITIVE_INT, UserError, add_data_arguments, check_finite, check_writable, device_flag,
                   pick_threads, repository_path, reports_errors, script_parser, write_text_atomic)
-from studies.factors import prediction_scores, regression_targets, split_with_factors, standardise
+from studies.factors import factor_splits, prediction_scores
 from studies.identities import FACTORS, is_identities_folder
 
 DIGITS = 10
@@ -95,19 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     progress = not args.no_progress
-    splits = {split: split_with_factors(spec, root, split, device, progress) for split in ("train", "test")}
-    (train_targets, owners), (test_targets, _) = (regression_targets(splits[s][2]) for s in ("train", "test"))
-    train_targets, test_targets = (t.to(device) for t in standardise(train_targets, test_targets))
-    digits = {split: torch.tensor(factors["digit"], device=device) for split, (_, _, factors) in splits.items()}
+    splits, targets, owners, digits = factor_splits(spec, root, device, progress)
     if args.batch_size > len(digits["train"]):
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(digits['train'])} train renderings; "
                         "pass a smaller one")
     generator = torch.Generator().manual_seed(args.seed)
-    model = train_regressor(splits["train"][0], train_targets, digits["train"], epochs=args.epochs,
+    model = train_regressor(splits["train"][0], targets["train"], digits["train"], epochs=args.epochs,
                             batch_size=args.batch_size, lr=args.lr, generator=generator, progress=progress)
     model.eval()
-    scores = regressor_scores(model, splits["test"][0], test_targets, owners, digits["test"])
-    fitted = regressor_scores(model, splits["train"][0], train_targets, owners, digits["train"])
+    scores = regressor_scores(model, splits["test"][0], targets["test"], owners, digits["test"])
+    fitted = regressor_scores(model, splits["train"][0], targets["train"], owners, digits["train"])
     results = {"command": "python -m studies.factor_ceiling " + " ".join(sys.argv[1:] if argv is None else argv),
                "data_dir": str(root), "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
                "lr": args.lr, "train_renderings": len(digits["train"]), "test_renderings": len(digits["test"]),

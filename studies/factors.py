@@ -211,6 +211,19 @@ def split_with_factors(spec: data_loader.DataSpec, root: Path, split: str, devic
     return images, labels, factors
 
 
+def factor_splits(spec: data_loader.DataSpec, root: Path, device: torch.device, progress: bool
+                  ) -> tuple[dict, dict[str, torch.Tensor], list[str], dict[str, torch.Tensor]]:
+    """The train and test splits (split_with_factors), their regression targets standardised by the train
+    split's statistics, the factor of each target column, and the digits; tensors on `device`."""
+    splits = {split: split_with_factors(spec, root, split, device, progress) for split in ("train", "test")}
+    targets, owners = {}, None
+    for split, (_, _, factors) in splits.items():
+        targets[split], owners = regression_targets(factors)
+    targets["train"], targets["test"] = (t.to(device) for t in standardise(targets["train"], targets["test"]))
+    digits = {split: torch.tensor(factors["digit"], device=device) for split, (_, _, factors) in splits.items()}
+    return splits, targets, owners, digits
+
+
 def codes(posteriors, protocol: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
     style_mu, style_logvar, class_mu, class_logvar = posteriors
     if protocol == "means":
@@ -222,13 +235,8 @@ def codes(posteriors, protocol: str, generator: torch.Generator) -> dict[str, to
 def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.Module, settings) -> dict:
     root = identities_root(settings)
     progress = not args.no_progress
-    splits = {split: split_with_factors(settings.data, root, split, device, progress) for split in ("train", "test")}
+    splits, targets, owners, digits = factor_splits(settings.data, root, device, progress)
     posteriors = {split: encode(encoder, images) for split, (images, _, _) in splits.items()}
-    targets, owners = {}, None
-    for split, (_, _, factors) in splits.items():
-        targets[split], owners = regression_targets(factors)
-    targets["train"], targets["test"] = (t.to(device) for t in standardise(targets["train"], targets["test"]))
-    digits = {split: torch.tensor(factors["digit"], device=device) for split, (_, _, factors) in splits.items()}
     test_labels = splits["test"][1]
     generator = torch.Generator().manual_seed(args.seed)
     fit = dict(iterations=args.iterations, batch_size=args.batch_size, generator=generator, progress=progress)
