@@ -261,6 +261,9 @@ def resume_command(args: argparse.Namespace) -> str:
     run, and the INVOCATION_FLAGS that differ from their defaults are repeated."""
     world = distributed.world_from_environment()
     launcher = ["python"] if world.size == 1 else ["torchrun", f"--nproc_per_node={world.local_size}"]
+    nodes = world.size // world.local_size
+    if nodes > 1:
+        launcher.insert(1, f"--nnodes={nodes}")
     defaults, words = build_parser(), [*launcher, "training.py"]
     for key in ("checkpoint_dir", "run_name", "log_dir", "data_dir", "threads", "compile", "no_progress"):
         value = getattr(args, key)
@@ -268,7 +271,9 @@ def resume_command(args: argparse.Namespace) -> str:
             words += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     if args.device != pick_device("auto"):
         words += ["--device", str(args.device)]
-    return f"`{shlex.join(words + ['--resume'])}`"
+    command = f"`{shlex.join(words + ['--resume'])}`"
+    # torchrun's rendezvous flags never reach the processes, so a multi-node launch must repeat its own.
+    return command if nodes == 1 else f"{command} on every node, with the launch's rendezvous flags"
 
 
 def take_saved_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str],

@@ -160,6 +160,24 @@ def test_the_world_comes_from_torchruns_variables():
     assert world == distributed.World(3, 4, 1, 2) and not world.leader
 
 
+@pytest.mark.parametrize("sizes, launcher, rest", [
+    (None, "`python training.py", "--resume`"),
+    (("2", "2"), "`torchrun --nproc_per_node=2 training.py", "--resume`"),
+    (("4", "2"), "`torchrun --nnodes=2 --nproc_per_node=2 training.py",
+     "--resume` on every node, with the launch's rendezvous flags")])
+def test_the_resume_command_names_the_launch(monkeypatch, sizes, launcher, rest):
+    if sizes:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", sizes[0])
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", sizes[1])
+    else:
+        monkeypatch.delenv("RANK", raising=False)
+    args = training.build_parser().parse_args(["--run-name", "r", "--checkpoint-dir", "ck"])
+    args.device = training.pick_device("auto")
+    command = training.resume_command(args)
+    assert command.startswith(launcher + " --checkpoint-dir ck --run-name r") and command.endswith(rest), command
+
+
 def test_one_process_averages_nothing():
     tensors = [torch.randn(3, 2), torch.randn(4)]
     assert all(a is b for a, b in zip(distributed.average_over_processes(tensors), tensors))
