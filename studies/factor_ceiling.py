@@ -28,7 +28,7 @@ from networks import FactorRegressor
 from runs import (POSITIVE, POSITIVE_INT, UserError, add_data_arguments, check_finite, check_writable, device_flag,
                   pick_threads, repository_path, reports_errors, script_parser, write_text_atomic)
 from studies.factors import factor_splits, prediction_scores
-from studies.identities import FACTORS, is_identities_folder
+from studies.identities import FACTORS, identities_root
 
 DIGITS = 10
 
@@ -87,10 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         check_writable(args.json, "--json")
     spec = data_loader.DataSpec.from_settings(vars(args))
-    root = Path(spec.data_dir)
-    if spec.dataset != data_loader.FOLDER or not is_identities_folder(root):
-        raise UserError(f"--data-dir {root} is not a data set of `python -m studies.identities`; "
-                        "studies.factor_ceiling needs its factors.csv")
+    root = identities_root(spec, "the data of --dataset and --data-dir", "studies.factor_ceiling")
     threads, _ = pick_threads(args.threads)
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)

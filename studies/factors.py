@@ -38,7 +38,7 @@ from evaluation import draw_evidence_sets, encode
 from networks import ProbeBank
 from runs import (POSITIVE_INT, UserError, add_model_arguments, check_finite, check_writable, device_and_models,
                   reports_errors, script_parser, write_text_atomic)
-from studies.identities import FACTORS, is_identities_folder, read_factors
+from studies.identities import FACTORS, identities_root, read_factors
 from utils import fused_posteriors, reparameterize
 
 CIRCULAR = ("stroke_hue_deg", "background_hue_deg")  # angles: probed as cos and sin
@@ -189,15 +189,6 @@ def dci(importance: torch.Tensor) -> tuple[float, float]:
     return disentanglement, completeness
 
 
-def identities_root(settings) -> Path:
-    """The identities data folder the run trained on; UserError for any other data."""
-    root = Path(settings.data.data_dir) if settings.data.dataset == data_loader.FOLDER else None
-    if root is None or not is_identities_folder(root):
-        raise UserError(f"{settings.encoder_path.parent} was trained on {root or settings.data.dataset}, not on a data "
-                        "set of `python -m studies.identities`; studies.factors needs its factors.csv")
-    return root
-
-
 def split_with_factors(spec: data_loader.DataSpec, root: Path, split: str, device: torch.device, progress: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
     """(float images, identity labels, factor columns) of one split, rows aligned; UserError if factors.csv
@@ -233,7 +224,7 @@ def codes(posteriors, protocol: str, generator: torch.Generator) -> dict[str, to
 
 
 def evaluate(args: argparse.Namespace, device: torch.device, encoder: torch.nn.Module, settings) -> dict:
-    root = identities_root(settings)
+    root = identities_root(settings.data, f"the data of {settings.encoder_path.parent}", "studies.factors")
     progress = not args.no_progress
     splits, targets, owners, digits = factor_splits(settings.data, root, device, progress)
     posteriors = {split: encode(encoder, images) for split, (images, _, _) in splits.items()}

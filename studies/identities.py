@@ -281,6 +281,16 @@ def is_identities_folder(path: Path) -> bool:
         return False
 
 
+def identities_root(spec: data_loader.DataSpec, source: str, script: str) -> Path:
+    """The data folder of `spec` if this script wrote it; else UserError saying that `source` (a flag, a run)
+    names other data and that `script` needs factors.csv."""
+    root = Path(spec.data_dir) if spec.dataset == data_loader.FOLDER else None
+    if root is None or not is_identities_folder(root):
+        raise UserError(f"{source} is {root or spec.dataset}, not a data set of `python -m studies.identities`; "
+                        f"{script} needs its factors.csv")
+    return root
+
+
 def check_out(out: Path, overwrite: bool) -> None:
     """UserError unless --out may be written: new or empty, or (with --overwrite) a data set of this script."""
     if out.exists() and not out.is_dir():
